@@ -1,0 +1,36 @@
+"""`python -m sweeper`: one tracked LoRA fine-tuning trial on the composed config."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from sweeper import config
+
+config.register()
+log = logging.getLogger("sweeper")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from sweeper import report, trial  # heavy (torch, metatrain): not needed for --help
+
+    runtime = HydraConfig.get()
+    output_dir = Path(runtime.runtime.output_dir)
+    try:
+        result = trial.run(cfg, output_dir, log_file=output_dir / f"{runtime.job.name}.log")
+    except config.ConfigError as error:
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(report.summary(cfg, result))
+    return result.objective
+
+
+if __name__ == "__main__":
+    main()

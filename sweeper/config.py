@@ -1,0 +1,187 @@
+"""The config schema: every key, its type and default, in one place.
+
+Registered in Hydra's ConfigStore as `base_config`, which `conf/config.yaml` extends, so
+Hydra rejects unknown keys and wrong types while composing. `check()` adds the value
+rules a type cannot say (rank >= 1, lr > 0, ...), before any expensive work.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from sweeper import embedded
+
+
+class ConfigError(ValueError):
+    """Bad input; the message names the offending key or file."""
+
+
+class Method(str, Enum):
+    lora = "lora"  # LoRA adapters on the target modules, everything else frozen
+    full = "full"  # every weight trains: the forgetting-prone baseline
+    heads = "heads"  # metatrain's heads-only fine-tuning
+
+
+class LoraInit(str, Enum):
+    zero = "zero"  # B = 0: the adapted model starts exactly as the base
+    metatrain = "metatrain"  # metatrain's own random A and B, for parity with `mtt train`
+
+
+class Scheduler(str, Enum):
+    cosine = "cosine"  # metatrain's cosine decay with linear warmup
+    constant = "constant"
+    step = "step"  # lr * gamma every `step_size` epochs
+    exponential = "exponential"  # lr * gamma per epoch
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str = "${embedded:base_model}"
+
+
+@dataclass
+class LabelsConfig:
+    energy_key: str = "energy"
+    energy_unit: str = "eV"
+    forces: bool = True
+    forces_key: str = "forces"
+    length_unit: str = "angstrom"
+
+
+@dataclass
+class FinetuneDataConfig(LabelsConfig):
+    train: str = "${embedded:train}"
+    validation: Optional[str] = "${embedded:validation}"
+    validation_fraction: float = 0.2  # taken from `train` when `validation` is null
+    test: Optional[str] = "${embedded:test}"
+
+
+@dataclass
+class OriginalDataConfig(LabelsConfig):
+    path: Optional[str] = "${embedded:original}"  # null: no retained accuracy
+    max_structures: Optional[int] = 64  # fixed-seed subsample; null: all
+    subsample_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    finetune: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    original: OriginalDataConfig = field(default_factory=OriginalDataConfig)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: ["input_linear", "output_linear"])
+    init: LoraInit = LoraInit.zero
+
+
+@dataclass
+class FinetuneConfig:
+    method: Method = Method.lora
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    epochs: int = 20
+    batch_size: int = 8
+    scheduler: Scheduler = Scheduler.cosine
+    warmup_fraction: float = 0.01  # cosine only
+    step_size: int = 10  # step only, in epochs
+    gamma: float = 0.5  # step and exponential
+    weight_decay: Optional[float] = None  # set: AdamW instead of Adam
+    early_stopping_patience: Optional[int] = 10  # epochs without improvement; null: off
+    grad_clip_norm: float = 1.0
+    loss: str = "mse"
+    dtype: str = "float32"
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "pet-lora"
+    run_name: Optional[str] = None  # default: says what the trial is, e.g. `r8 a16 lr1e-3`
+    system_metrics: bool = False  # CPU/memory (and GPU with nvidia-ml-py) every 10 s
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch threads; null: every core this process may use
+
+
+def register() -> None:
+    OmegaConf.register_new_resolver("embedded", embedded.resolve, replace=True)
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check(cfg: Any) -> None:
+    """Value rules beyond types; raises ConfigError naming the key."""
+    rules = [
+        ("lora.rank", cfg.lora.rank >= 1, "must be >= 1"),
+        ("lora.alpha", cfg.lora.alpha > 0, "must be > 0"),
+        ("lora.target_modules", len(cfg.lora.target_modules) > 0, "must name at least one module"),
+        ("train.lr", cfg.train.lr > 0 and math.isfinite(cfg.train.lr), "must be > 0"),
+        ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.warmup_fraction", 0 <= cfg.train.warmup_fraction < 1, "must be in [0, 1)"),
+        ("train.step_size", cfg.train.step_size >= 1, "must be >= 1"),
+        ("train.gamma", 0 < cfg.train.gamma <= 1, "must be in (0, 1]"),
+        ("train.weight_decay", cfg.train.weight_decay is None or cfg.train.weight_decay >= 0, "must be >= 0"),
+        (
+            "train.early_stopping_patience",
+            cfg.train.early_stopping_patience is None or cfg.train.early_stopping_patience >= 1,
+            "must be >= 1 or null",
+        ),
+        ("train.dtype", cfg.train.dtype == "float32", "must be float32 (what metatrain's PET trains in here)"),
+        (
+            "data.finetune.validation_fraction",
+            cfg.data.finetune.validation is not None or 0 < cfg.data.finetune.validation_fraction < 1,
+            "must be in (0, 1) when data.finetune.validation is null",
+        ),
+        (
+            "data.original.max_structures",
+            cfg.data.original.max_structures is None or cfg.data.original.max_structures >= 1,
+            "must be >= 1 or null",
+        ),
+        ("device", _DEVICE.fullmatch(cfg.device) is not None, "must be auto, cpu, cuda or cuda:N"),
+        ("threads", cfg.threads is None or cfg.threads >= 1, "must be >= 1 or null"),
+    ]
+    for key, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{key} {rule}, got {OmegaConf.select(cfg, key)!r}")
+
+
+def flatten(cfg: Any) -> dict[str, str]:
+    """The resolved config as `a.b.c -> value` strings, for MLflow params."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = str(node)
+
+    walk("", container)
+    return flat

@@ -1,0 +1,76 @@
+"""One fine-tuning run: metatrain hypers from our config, early stopping, per-epoch hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sweeper import pet
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def hypers(cfg: Any, strategy: dict, labels: pet.Labels) -> dict:
+    """Our `train.*` keys in metatrain's PET trainer vocabulary."""
+    train = cfg.train
+    overrides = {
+        "num_epochs": train.epochs,
+        "batch_size": train.batch_size,
+        "learning_rate": train.lr,
+        "warmup_fraction": train.warmup_fraction,
+        "weight_decay": train.weight_decay,
+        "grad_clip_norm": train.grad_clip_norm,
+        "loss": train.loss,
+        "log_interval": 1,  # one row per epoch for MLflow and the pruners
+        "checkpoint_interval": 10**9,  # epoch 0 still writes one: each trial has its own dir
+        "num_workers": 0,  # no loader processes: deterministic and cheap for small sets
+    }
+    return pet.training_hypers(overrides, strategy, labels)
+
+
+class EarlyStopping:
+    """Stop when the validation metric has not improved for `patience` epochs.
+
+    The metric is metatrain's own model-selection metric (product of validation MAEs),
+    read from the same per-epoch row, so the kept epoch and the stopping rule agree.
+    """
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.best = float("inf")
+        self.best_epoch = -1
+
+    def __call__(self, epoch: int, row: dict[str, float]) -> None:
+        metric = 1.0
+        for name, value in row.items():
+            if name.startswith("val_") and "_mae_" in name:
+                metric *= value
+        if metric < self.best:
+            self.best, self.best_epoch = metric, epoch
+        elif self.patience is not None and epoch - self.best_epoch >= self.patience:
+            raise pet.StopTraining(epoch, f"no improvement for {self.patience} epochs")
+
+
+def fine_tune(
+    model: pet.PET,
+    cfg: Any,
+    strategy: dict,
+    labels: pet.Labels,
+    train_set: pet.Dataset,
+    val_set: pet.Dataset,
+    device: torch.device,
+    workdir: Path,
+    on_epoch: EpochCallback,
+) -> pet.TrainResult:
+    """Train `model` in place; returns the best-validation weights and where it stopped."""
+    stopper = EarlyStopping(cfg.train.early_stopping_patience)
+
+    def each_epoch(epoch: int, row: dict[str, float]) -> None:
+        on_epoch(epoch, row)
+        stopper(epoch, row)
+
+    schedule = (str(cfg.train.scheduler.value), cfg.train.step_size, cfg.train.gamma)
+    return pet.train(model, hypers(cfg, strategy, labels), train_set, val_set, device, workdir, each_epoch, schedule)
