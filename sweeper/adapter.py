@@ -67,7 +67,9 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise AdapterError(f"{folder}: not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     config = json.loads(path.read_text())
     if config.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise AdapterError(
+            f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     return config
 
 

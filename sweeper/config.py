@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -58,15 +58,15 @@ class LabelsConfig:
 @dataclass
 class FinetuneDataConfig(LabelsConfig):
     train: str = "${embedded:train}"
-    validation: Optional[str] = "${embedded:validation}"
+    validation: str | None = "${embedded:validation}"
     validation_fraction: float = 0.2  # taken from `train` when `validation` is null
-    test: Optional[str] = "${embedded:test}"
+    test: str | None = "${embedded:test}"
 
 
 @dataclass
 class OriginalDataConfig(LabelsConfig):
-    path: Optional[str] = "${embedded:original}"  # null: no retained accuracy
-    max_structures: Optional[int] = 64  # fixed-seed subsample; null: all
+    path: str | None = "${embedded:original}"  # null: no retained accuracy
+    max_structures: int | None = 64  # fixed-seed subsample; null: all
     subsample_seed: int = 0
 
 
@@ -98,8 +98,8 @@ class TrainConfig:
     warmup_fraction: float = 0.01  # cosine only
     step_size: int = 10  # step only, in epochs
     gamma: float = 0.5  # step and exponential
-    weight_decay: Optional[float] = None  # set: AdamW instead of Adam
-    early_stopping_patience: Optional[int] = 10  # epochs without improvement; null: off
+    weight_decay: float | None = None  # set: AdamW instead of Adam
+    early_stopping_patience: int | None = 10  # epochs without improvement; null: off
     grad_clip_norm: float = 1.0
     loss: str = "mse"
     dtype: str = "float32"
@@ -109,7 +109,7 @@ class TrainConfig:
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "pet-lora"
-    run_name: Optional[str] = None  # default: says what the trial is, e.g. `r8 a16 lr1e-3`
+    run_name: str | None = None  # default: says what the trial is, e.g. `r8 a16 lr1e-3`
     system_metrics: bool = False  # CPU/memory (and GPU with nvidia-ml-py) every 10 s
 
 
@@ -123,7 +123,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: Optional[int] = None  # torch threads; null: every core this process may use
+    threads: int | None = None  # torch threads; null: every core this process may use
 
 
 def register() -> None:
@@ -152,7 +152,11 @@ def check(cfg: Any) -> None:
             cfg.train.early_stopping_patience is None or cfg.train.early_stopping_patience >= 1,
             "must be >= 1 or null",
         ),
-        ("train.dtype", cfg.train.dtype == "float32", "must be float32 (what metatrain's PET trains in here)"),
+        (
+            "train.dtype",
+            cfg.train.dtype == "float32",
+            "must be float32 (what metatrain's PET trains in here)",
+        ),
         (
             "data.finetune.validation_fraction",
             cfg.data.finetune.validation is not None or 0 < cfg.data.finetune.validation_fraction < 1,

@@ -15,10 +15,14 @@ from sweeper.embedded import cache_root
 MEV = 1000.0
 
 
-def errors(model: pet.PET, dataset: pet.Dataset, device: torch.device, batch_size: int = 16) -> dict[str, float]:
+def errors(
+    model: pet.PET, dataset: pet.Dataset, device: torch.device, batch_size: int = 16
+) -> dict[str, float]:
     """Energy MAE/RMSE per atom (meV/atom) and force MAE/RMSE (meV/Å), in float64."""
     energy_error, force_error = [], []
-    for predicted_e, reference_e, predicted_g, reference_g, atoms in pet.predict(model, dataset, device, batch_size):
+    for predicted_e, reference_e, predicted_g, reference_g, atoms in pet.predict(
+        model, dataset, device, batch_size
+    ):
         energy_error.append((predicted_e - reference_e) / atoms)
         if predicted_g is not None:
             force_error.append((predicted_g - reference_g).reshape(-1))

@@ -8,18 +8,20 @@ this file is what changes when that range moves.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import os
+import random
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import OmegaConf
-
 import metatrain
 import metatrain.pet.trainer as pet_trainer
+import numpy as np
+import torch
 from metatrain.pet import PET, Trainer
 from metatrain.pet.modules.finetuning import LoRALinear, apply_finetuning_strategy
 from metatrain.utils.architectures import check_architecture_options, get_default_hypers
@@ -33,10 +35,10 @@ from metatrain.utils.neighbor_lists import (
 )
 from metatrain.utils.omegaconf import expand_dataset_config, expand_loss_config
 from metatrain.utils.transfer import batch_to
+from omegaconf import OmegaConf
 
 METATRAIN_VERSION: str = metatrain.__version__
 ENERGY_TARGET = "energy"
-DEFAULT_LORA_TARGETS = ("input_linear", "output_linear")
 
 Dataset = Any  # metatrain.utils.data.Dataset or a torch Subset of one
 
@@ -194,7 +196,8 @@ def training_hypers(overrides: dict, strategy: dict | None, labels: Labels) -> d
     if strategy is not None:
         training.finetune = strategy
     check_architecture_options(
-        name="pet", options={
+        name="pet",
+        options={
             "name": "pet",
             "model": defaults["model"],  # validated with the base model, not here
             "training": OmegaConf.to_container(training, resolve=True),
@@ -301,7 +304,11 @@ def train(
 
 
 class StopTraining(Exception):
-    """Raised from an epoch callback to end training early (early stopping, pruning)."""
+    """Raised from an epoch callback to end training early (early stopping, pruning).
+
+    metatrain reports an epoch before it considers it for the best model, so the epoch
+    that raises is not a candidate: early stopping only raises on a non-improving one.
+    """
 
     def __init__(self, epoch: int, reason: str) -> None:
         super().__init__(reason)
@@ -350,8 +357,6 @@ def _gradient(block: Any) -> torch.Tensor:
 
 
 def _without_gradients(info: Any) -> Any:
-    import copy
-
     info = copy.deepcopy(info)
     info.gradients = []  # energies only: skip the autograd pass
     return info
@@ -365,11 +370,6 @@ def load_state(model: PET, state: dict[str, torch.Tensor], strict: bool = True) 
 
 def seed_everything(seed: int) -> None:
     """The same seeding as `mtt train`, so runs match it given the same seed."""
-    import os
-    import random
-
-    import numpy as np
-
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -387,10 +387,12 @@ def parameter_count(model: torch.nn.Module) -> tuple[int, int]:
 def save_checkpoint(result: TrainResult, model: PET, path: Path) -> None:
     """Write a metatrain checkpoint of the best epoch (usable by `mtt train` and by us)."""
     load_state(model, result.state)
-    result.trainer.save_checkpoint(model, path)
+    trainer = result.trainer
+    # Fine-tuning starts a fresh optimizer: Adam's state would triple the file size.
+    trainer.optimizer_state_dict = trainer.best_optimizer_state_dict = trainer.scheduler_state_dict = None
+    trainer.save_checkpoint(model, path)
 
 
 def export(model: PET, path: Path) -> None:
     model.eval()
     model.export().save(str(path))
-

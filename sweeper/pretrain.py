@@ -87,7 +87,9 @@ def pretrain(output: Path, epochs: int, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-o", "--output", type=Path, default=embedded.base_model_path())
     parser.add_argument("--epochs", type=int, default=TRAINING_HYPERS["num_epochs"])
     parser.add_argument("--threads", type=int, default=2)

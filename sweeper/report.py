@@ -21,7 +21,8 @@ def summary(cfg: Any, result: TrialResult) -> str:
         if "retained_force_mae_ratio" in m:
             lines.append(f"  retained force MAE: {m['retained_force_mae_ratio']:.2f} x the base model's")
     lines += [
-        f"MLflow run   {result.run_id}  ({cfg.tracking.uri}, experiment {cfg.tracking.experiment!r}; browse: mlflow ui)",
+        f"MLflow run   {result.run_id}  ({cfg.tracking.uri}, experiment {cfg.tracking.experiment!r})",
+        "             browse: mlflow ui  (in this folder for the default sqlite:///mlflow.db)",
         f"adapter      {result.adapter_dir}  (logged at {result.artifact_uri}/adapter)",
     ]
     return "\n".join(lines)

@@ -11,6 +11,8 @@ import contextlib
 import subprocess
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,15 +53,31 @@ class TrialRun:
 
 def connect(uri: str, experiment: str) -> str:
     """Point MLflow at `uri` and return the experiment id, creating it once."""
+    _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     try:
         found = client.get_experiment_by_name(experiment)
     except Exception as error:  # unreachable server, unwritable database, ...
-        raise ConfigError(f"tracking.uri {uri!r}: cannot reach MLflow ({type(error).__name__}: {error})") from None
+        raise ConfigError(
+            f"tracking.uri {uri!r}: cannot reach MLflow ({type(error).__name__}: {error})"
+        ) from None
     if found is not None:
         return found.experiment_id
     return client.create_experiment(experiment)
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # it answered (e.g. 401 behind auth): reachable
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(f"tracking.uri {uri!r}: MLflow server unreachable ({reason})") from None
 
 
 @contextlib.contextmanager

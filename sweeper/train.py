@@ -73,4 +73,6 @@ def fine_tune(
         stopper(epoch, row)
 
     schedule = (str(cfg.train.scheduler.value), cfg.train.step_size, cfg.train.gamma)
-    return pet.train(model, hypers(cfg, strategy, labels), train_set, val_set, device, workdir, each_epoch, schedule)
+    return pet.train(
+        model, hypers(cfg, strategy, labels), train_set, val_set, device, workdir, each_epoch, schedule
+    )

@@ -38,7 +38,9 @@ class TrialResult:
     epochs_run: int
 
 
-def run(cfg: Any, output_dir: Path, on_epoch: EpochCallback | None = None, log_file: Path | None = None) -> TrialResult:
+def run(
+    cfg: Any, output_dir: Path, on_epoch: EpochCallback | None = None, log_file: Path | None = None
+) -> TrialResult:
     # --- 1. input checks: cheap, before any training or tracking ---------------------
     config.check(cfg)
     device = devices.resolve(cfg.device)
@@ -58,7 +60,12 @@ def run(cfg: Any, output_dir: Path, on_epoch: EpochCallback | None = None, log_f
     tags = _tags(cfg, base_sha, datasets, device, threads)
     params = config.flatten(cfg)
     with tracking.trial_run(
-        experiment_id, cfg.tracking.run_name or run_name(cfg), params, tags, cfg.tracking.system_metrics, log_file
+        experiment_id,
+        cfg.tracking.run_name or run_name(cfg),
+        params,
+        tags,
+        cfg.tracking.system_metrics,
+        log_file,
     ) as trial:
         strategy = pet.finetune_strategy(
             method, cfg.model.checkpoint, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules)
@@ -80,7 +87,15 @@ def run(cfg: Any, output_dir: Path, on_epoch: EpochCallback | None = None, log_f
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="pet-lora-trial-") as workdir:
             result = train.fine_tune(
-                model, cfg, strategy, labels, datasets.train, datasets.validation, device, Path(workdir), each_epoch
+                model,
+                cfg,
+                strategy,
+                labels,
+                datasets.train,
+                datasets.validation,
+                device,
+                Path(workdir),
+                each_epoch,
             )
         train_seconds = time.perf_counter() - start
         pet.load_state(model, result.state)
@@ -187,7 +202,9 @@ def _evaluate(cfg: Any, model: pet.PET, datasets: data.Datasets, device: torch.d
     return metrics
 
 
-def _tags(cfg: Any, base_sha: str, datasets: data.Datasets, device: torch.device, threads: int) -> dict[str, str]:
+def _tags(
+    cfg: Any, base_sha: str, datasets: data.Datasets, device: torch.device, threads: int
+) -> dict[str, str]:
     tags = {
         "base_checkpoint_sha256": base_sha,
         "finetune_method": Method(cfg.finetune.method).value,

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny slices of the embedded data, config composition, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ase.io import read, write
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from sweeper import config, embedded
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+config.register()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh cache for the whole session (embedded data, base errors)."""
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["PET_LORA_SWEEPER_CACHE"] = str(root)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    return root
+
+
+@pytest.fixture(scope="session")
+def embedded_paths(cache_dir: Path) -> dict[str, Path]:
+    return embedded.ensure_datasets()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(embedded_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small slices of the embedded sets, so a trial takes seconds."""
+    folder = tmp_path_factory.mktemp("tiny")
+    sizes = {"train": 8, "validation": 4, "test": 4, "original": 6}
+    paths = {}
+    for role, count in sizes.items():
+        paths[role] = folder / f"{role}.xyz"
+        write(paths[role], read(embedded_paths[role], index=f":{count}"), format="extxyz")
+    return paths
+
+
+def tiny_overrides(tiny_data: dict[str, Path], workdir: Path) -> list[str]:
+    return [
+        f"data.finetune.train={tiny_data['train']}",
+        f"data.finetune.validation={tiny_data['validation']}",
+        f"data.finetune.test={tiny_data['test']}",
+        f"data.original.path={tiny_data['original']}",
+        "train.epochs=3",
+        "train.batch_size=4",
+        "lora.rank=4",
+        "threads=2",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+    ]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def runs(workdir: Path, experiment: str = "pet-lora") -> list:
+    """All MLflow runs of the experiment in `workdir/mlflow.db` (empty if none)."""
+    if not (workdir / "mlflow.db").exists():
+        return []
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id])

@@ -1,0 +1,38 @@
+"""The embedded default: deterministic data, and the shipped base model made from it."""
+
+from __future__ import annotations
+
+import json
+
+from sweeper import embedded, pet
+
+
+def test_datasets_are_deterministic(embedded_paths, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PET_LORA_SWEEPER_CACHE", str(tmp_path))
+    again = embedded.ensure_datasets()
+    for role, path in embedded_paths.items():
+        assert again[role] != path
+        assert embedded.file_sha256(again[role]) == embedded.file_sha256(path), role
+
+
+def test_shipped_base_model_was_trained_on_these_data(embedded_paths) -> None:
+    card = embedded.base_model_card()
+    assert card["training_data"]["sha256"] == embedded.file_sha256(embedded_paths["original"])
+    assert card["checkpoint_sha256"] == embedded.file_sha256(embedded.base_model_path())
+    assert card["metatrain_version"].split(".")[:2] == pet.METATRAIN_VERSION.split(".")[:2]
+
+
+def test_base_model_is_meaningful_on_its_own_training_set() -> None:
+    """Far better than predicting the mean: the errors the README reports."""
+    errors = embedded.base_model_card()["errors_on_training_set"]
+    assert errors["force_mae_meV_per_A"] < 0.25 * 562  # mean |F| of the set is 562 meV/Å
+    assert errors["energy_mae_meV_per_atom"] < 0.5 * 54  # energy spread is 54 meV/atom
+
+
+def test_default_config_points_at_the_embedded_files(embedded_paths) -> None:
+    from conftest import compose_config
+
+    cfg = compose_config([])
+    assert cfg.data.finetune.train == str(embedded_paths["train"])
+    assert cfg.data.original.path == str(embedded_paths["original"])
+    assert json.loads(embedded.base_model_path().with_suffix(".json").read_text())["parameters"] > 100_000
