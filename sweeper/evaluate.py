@@ -13,6 +13,8 @@ from sweeper import pet
 from sweeper.embedded import cache_root
 
 MEV = 1000.0
+# Part of the base-error cache key: bump when `errors` would give other numbers.
+EVALUATION_VERSION = 2
 
 
 def errors(
@@ -64,6 +66,7 @@ def base_errors(
     `key` holds what the numbers depend on (checkpoint and data sha256, subsample,
     labels, device type); returns (errors, whether they came from the cache).
     """
+    key = {**key, "evaluation_version": EVALUATION_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     cached = cache_root() / "base-errors" / f"{digest}.json"
     if cached.is_file():

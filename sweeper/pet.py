@@ -318,10 +318,15 @@ class StopTraining(Exception):
 # --------------------------------------------------------------------- evaluation
 
 
-def predict(
-    model: PET, dataset: Dataset, device: torch.device, batch_size: int = 16
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
-    """Yield (predicted E, reference E, predicted -F, reference -F, atoms per structure)."""
+Prediction = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]
+
+
+def predict(model: PET, dataset: Dataset, device: torch.device, batch_size: int = 16) -> list[Prediction]:
+    """Per batch: (predicted E, reference E, predicted -F, reference -F, atoms per structure).
+
+    Runs with every weight frozen: whether a weight requires grad changes which kernels
+    run (float32 results move at 1e-8), and evaluation must not depend on what trained.
+    """
     model.eval()
     model.to(device)
     target_info = {ENERGY_TARGET: model.dataset_info.targets[ENERGY_TARGET]}
@@ -335,21 +340,37 @@ def predict(
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     dtype = next(model.parameters()).dtype
-    for batch in loader:
-        systems, targets, _ = unpack_batch(batch)
-        systems, targets, _ = batch_to(systems, targets, {}, dtype=dtype, device=device)
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning)
+    results = []
+    with _frozen(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        for batch in loader:
+            systems, targets, _ = unpack_batch(batch)
+            systems, targets, _ = batch_to(systems, targets, {}, dtype=dtype, device=device)
             predictions = evaluate_model(model, systems, target_info, is_training=False)
-        predicted, reference = predictions[ENERGY_TARGET].block(), targets[ENERGY_TARGET].block()
-        atoms = torch.tensor([len(system) for system in systems], dtype=torch.float64)
-        yield (
-            predicted.values.detach().double().cpu().reshape(-1),
-            reference.values.detach().double().cpu().reshape(-1),
-            _gradient(predicted) if has_forces else None,
-            _gradient(reference) if has_forces else None,
-            atoms,
-        )
+            predicted, reference = predictions[ENERGY_TARGET].block(), targets[ENERGY_TARGET].block()
+            atoms = torch.tensor([len(system) for system in systems], dtype=torch.float64)
+            results.append(
+                (
+                    predicted.values.detach().double().cpu().reshape(-1),
+                    reference.values.detach().double().cpu().reshape(-1),
+                    _gradient(predicted) if has_forces else None,
+                    _gradient(reference) if has_forces else None,
+                    atoms,
+                )
+            )
+    return results
+
+
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 def _gradient(block: Any) -> torch.Tensor:

@@ -23,12 +23,11 @@ def _file(tmp_path: Path, name: str, frames) -> Path:
 def _without(tiny_data: dict[str, Path], tmp_path: Path, what: str) -> Path:
     frames = read(tiny_data["train"], index=":")
     for atoms in frames:
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = None
         if what == "energy":
-            atoms.calc = None
-            atoms.arrays["forces"] = atoms.arrays.get("forces", frames[0].get_forces())
+            atoms.arrays["forces"] = forces
         else:
-            energy = atoms.get_potential_energy()
-            atoms.calc = None
             atoms.info["energy"] = energy
     return _file(tmp_path, f"no_{what}.xyz", frames)
 
