@@ -70,7 +70,13 @@ def mtt_options(args: argparse.Namespace, workdir: Path) -> dict:
         return {
             "systems": {"read_from": str(path), "length_unit": "angstrom"},
             "targets": {
-                "energy": {"key": "energy", "unit": "eV", "forces": {"read_from": str(path), "key": "forces"}}
+                "energy": {
+                    "key": "energy",
+                    "unit": "eV",
+                    "forces": {"read_from": str(path), "key": "forces"},
+                    "stress": False,
+                    "virial": False,
+                }
             },
         }
 
@@ -81,7 +87,9 @@ def mtt_options(args: argparse.Namespace, workdir: Path) -> dict:
         "architecture": {"name": "pet", "training": hypers},
         "training_set": dataset(paths["train"]),
         "validation_set": dataset(paths["validation"]),
-        "test_set": 0.0,
+        # A file, not a fraction: a fractional split makes mtt shuffle the training set
+        # (np.random), which changes which structures each batch holds.
+        "test_set": dataset(paths["test"]),
     }
 
 
@@ -90,14 +98,11 @@ def run_mtt(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dic
     folder.mkdir()
     (folder / "options.yaml").write_text(yaml.safe_dump(mtt_options(args, workdir)))
     start = time.perf_counter()
-    process = subprocess.Popen(
-        ["mtt", "train", "options.yaml"],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    mtt = Path(sys.executable).with_name("mtt")  # the one installed beside this Python
+    with (folder / "mtt.log").open("w") as log:  # a file, not a pipe: mtt logs a lot
+        process = subprocess.Popen(
+            [str(mtt), "train", "options.yaml"], cwd=folder, env=env, stdout=log, stderr=log
+        )
     # mtt's log has whole-second stamps; watch its CSV (a row per epoch) to the 10 ms.
     row_times: list[float] = []
     while process.poll() is None:
@@ -108,9 +113,10 @@ def run_mtt(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dic
         time.sleep(0.01)
     wall = time.perf_counter() - start
     if process.returncode != 0:
-        sys.exit(f"mtt train failed:\n{process.stderr.read()[-3000:]}")
+        sys.exit(f"mtt train failed:\n{(folder / 'mtt.log').read_text()[-3000:]}")
     rows = list(csv.reader(next(folder.glob("outputs/*/*/train.csv")).open()))
     keys, units, last = rows[0], rows[1], rows[-1]
+    curve = [dict(zip(keys, row, strict=True)).get("validation forces MAE") for row in rows[2:]]
     named = {
         pet._metric_name(key, unit): float(value) for key, unit, value in zip(keys, units, last, strict=True)
     }
@@ -118,6 +124,7 @@ def run_mtt(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dic
         "wall_seconds": wall,
         "seconds_per_epoch": (row_times[-1] - row_times[0]) / (len(row_times) - 1),
         "last_epoch": {name: named[name] for name in METRICS},
+        "val_force_mae_curve": [float(value) for value in curve],
     }
 
 
@@ -139,10 +146,12 @@ def run_ours(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> di
         history = client.get_metric_history(run.info.run_id, f"epoch/{name}")
         return max(history, key=lambda m: m.step).value
 
+    curve = client.get_metric_history(run.info.run_id, "epoch/val_force_mae_meV_per_A")
     return {
         "wall_seconds": wall,
         "seconds_per_epoch": run.data.metrics["seconds_per_epoch"],
         "last_epoch": {name: last(name) for name in METRICS},
+        "val_force_mae_curve": [m.value for m in sorted(curve, key=lambda m: m.step)],
     }
 
 

@@ -14,9 +14,10 @@ from sweeper import config
 
 config.register()
 log = logging.getLogger("sweeper")
+CONF = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> float:
     from sweeper import report, trial  # heavy (torch, metatrain): not needed for --help
 
