@@ -194,3 +194,16 @@ def test_other_methods_save_what_trained_and_reapply(method, tiny_data, tmp_path
     assert _val_errors(model, tiny_data["validation"])["force_mae_meV_per_A"] == pytest.approx(
         result.metrics["val_force_mae_meV_per_A"], rel=1e-12
     )
+
+
+def test_system_metrics_are_switchable(tiny_data, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    _in_process(tiny_data, tmp_path, monkeypatch, ["tracking.system_metrics=true", "train.epochs=4"])
+    (run,) = runs(tmp_path)
+    assert any(name.startswith("system/cpu") for name in run.data.metrics), sorted(run.data.metrics)
+
+
+def test_system_metrics_are_off_by_default(cli_trial) -> None:
+    _, _, run = cli_trial
+    assert not any(name.startswith("system/") for name in run.data.metrics)
