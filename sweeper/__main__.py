@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from omegaconf import DictConfig
 from sweeper import config
 
 config.register()
-log = logging.getLogger("sweeper")
 CONF = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
 
 
@@ -25,8 +23,7 @@ def main(cfg: DictConfig) -> float:
     output_dir = Path(runtime.runtime.output_dir)
     try:
         result = trial.run(cfg, output_dir, log_file=output_dir / f"{runtime.job.name}.log")
-    except config.ConfigError as error:
-        log.error("%s", error)
+    except config.ConfigError as error:  # bad input: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(report.summary(cfg, result))

@@ -42,6 +42,9 @@ class TrialRun:
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def log_artifact(self, file: Path) -> None:
         if file.is_file():
             self.client.log_artifact(self.run_id, str(file))
@@ -115,7 +118,7 @@ def trial_run(
 def _record_error(trial: TrialRun, error: BaseException) -> None:
     with contextlib.suppress(Exception):
         trial.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
-        trial.client.log_text(trial.run_id, traceback.format_exc(), "error.txt")
+        trial.log_text(traceback.format_exc(), "error.txt")
 
 
 def git_commit(path: Path) -> str | None:

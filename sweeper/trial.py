@@ -123,7 +123,7 @@ def run(
         )
         trial.log_metrics(metrics)
         trial.log_artifacts(adapter_dir, "adapter")
-        trial.client.log_text(trial.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        trial.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         trial.set_tags({"stopped_early": str(result.last_epoch + 1 < cfg.train.epochs).lower()})
         objective_name = "val_force_mae_meV_per_A" if labels.forces_key else "val_energy_mae_meV_per_atom"
         return TrialResult(

@@ -36,3 +36,21 @@ def test_default_config_points_at_the_embedded_files(embedded_paths) -> None:
     assert cfg.data.finetune.train == str(embedded_paths["train"])
     assert cfg.data.original.path == str(embedded_paths["original"])
     assert json.loads(embedded.base_model_path().with_suffix(".json").read_text())["parameters"] > 100_000
+
+
+def test_pretrain_recipe_writes_a_usable_checkpoint_and_card(embedded_paths, tmp_path) -> None:
+    from sweeper import pretrain
+
+    output = tmp_path / "base.ckpt"
+    card = pretrain.pretrain(output, epochs=1, threads=2)
+    assert card["checkpoint_sha256"] == embedded.file_sha256(output)
+    assert card["training_data"]["sha256"] == embedded.file_sha256(embedded_paths["original"])
+    assert output.stat().st_size < 5_000_000  # no optimizer state in a base model
+    model = pet.load_checkpoint(output)
+    assert pet.model_atomic_types(model) == [29] and pet.model_targets(model) == ["energy"]
+    assert set(card["errors_on_training_set"]) == {
+        "energy_mae_meV_per_atom",
+        "energy_rmse_meV_per_atom",
+        "force_mae_meV_per_A",
+        "force_rmse_meV_per_A",
+    }
