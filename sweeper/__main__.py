@@ -16,8 +16,8 @@ CONF = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (edit
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
-def main(cfg: DictConfig) -> float:
-    from sweeper import report, trial  # heavy (torch, metatrain): not needed for --help
+def main(cfg: DictConfig) -> dict:
+    from sweeper import objective, report, trial  # heavy (torch, metatrain): not for --help
 
     runtime = HydraConfig.get()
     output_dir = Path(runtime.runtime.output_dir)
@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(report.summary(cfg, result))
-    return result.objective
+    return objective.outcome(cfg, result.metrics, result.run_id)
 
 
 if __name__ == "__main__":

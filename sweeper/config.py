@@ -105,6 +105,29 @@ class TrainConfig:
     dtype: str = "float32"
 
 
+class ObjectiveMode(str, Enum):
+    constrained = "constrained"  # minimise `metric` subject to the retained-accuracy bound
+    pareto = "pareto"  # minimise (`metric`, `retained_metric`): the Pareto front
+
+
+@dataclass
+class ObjectiveConfig:
+    mode: ObjectiveMode = ObjectiveMode.constrained
+    metric: str = "val_force_mae_meV_per_A"
+    retained_metric: str = "retained_force_mae_ratio"  # fine-tuned / base on the original set
+    retained_tolerance: float = 1.0  # feasible: retained_metric <= 1 + tolerance
+
+
+@dataclass
+class SweepConfig:
+    """Set by the sweeper for each trial; all null in a single run."""
+
+    study_name: str | None = None
+    storage: str | None = None
+    trial_number: int | None = None
+    parent_run_id: str | None = None
+
+
 @dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
@@ -121,6 +144,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch threads; null: every core this process may use
@@ -169,6 +194,7 @@ def check(cfg: Any) -> None:
         ),
         ("device", _DEVICE.fullmatch(cfg.device) is not None, "must be auto, cpu, cuda or cuda:N"),
         ("threads", cfg.threads is None or cfg.threads >= 1, "must be >= 1 or null"),
+        ("objective.retained_tolerance", cfg.objective.retained_tolerance >= 0, "must be >= 0"),
     ]
     for key, ok, rule in rules:
         if not ok:

@@ -91,10 +91,19 @@ def trial_run(
     tags: dict[str, str],
     system_metrics: bool,
     log_file: Path | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[TrialRun]:
-    """Start a run, log params and tags, and always end it with an honest status."""
+    """Start a run, log params and tags, and always end it with an honest status.
+
+    A sweep's trial attaches to the study's parent run by id; it never re-opens the
+    parent (ending a re-opened run would mark the whole study FINISHED).
+    """
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics
+        experiment_id=experiment_id,
+        run_name=run_name,
+        tags=tags,
+        log_system_metrics=system_metrics,
+        parent_run_id=parent_run_id,
     )
     trial = TrialRun(MlflowClient(), run.info.run_id)
     status = RunStatus.to_string(RunStatus.FAILED)

@@ -66,6 +66,7 @@ def run(
         tags,
         cfg.tracking.system_metrics,
         log_file,
+        parent_run_id=cfg.sweep.parent_run_id,
     ) as trial:
         strategy = pet.finetune_strategy(
             method, cfg.model.checkpoint, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules)
@@ -139,12 +140,11 @@ def run(
 
 
 def run_name(cfg: Any) -> str:
-    """Says what the trial is: `r8 a16 lr1e-3`, `full lr1e-3`."""
+    """Says what the trial is: `r8 a16 lr1e-3`, `t3 r8 a16 lr3e-4` in a sweep, `full lr1e-3`."""
     lr = f"lr{cfg.train.lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
     method = Method(cfg.finetune.method).value
-    if method != "lora":
-        return f"{method} {lr}"
-    return f"r{cfg.lora.rank} a{cfg.lora.alpha:g} {lr}"
+    name = f"{method} {lr}" if method != "lora" else f"r{cfg.lora.rank} a{cfg.lora.alpha:.3g} {lr}"
+    return name if cfg.sweep.trial_number is None else f"t{cfg.sweep.trial_number} {name}"
 
 
 def _load_base(checkpoint: str) -> pet.PET:
@@ -216,6 +216,8 @@ def _tags(
         "threads": str(threads),
     }
     tags |= {f"data_{role}_sha256": sha for role, sha in datasets.sha256.items()}
+    if cfg.sweep.study_name is not None:
+        tags |= {"study_name": cfg.sweep.study_name, "trial_number": str(cfg.sweep.trial_number)}
     commit = tracking.git_commit(Path(__file__).parent)
     if commit:
         tags["mlflow.source.git.commit"] = commit

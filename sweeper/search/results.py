@@ -1,0 +1,91 @@
+"""What a study leaves behind: optimization_results.yaml, the trials table, the summary."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import FrozenTrial, TrialState
+
+COLUMNS = ("lora.rank", "lora.alpha", "train.lr")
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    return all(c <= 0 for c in trial.user_attrs.get("constraints", [1.0]))
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Single objective: the best feasible trial; several: the Pareto front."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(study.directions) > 1:
+        return list(study.best_trials)
+    candidates = [t for t in complete if feasible(t)]
+    if not candidates:
+        return []
+    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+    return [min(candidates, key=lambda t: sign * t.value)]
+
+
+def write(study: optuna.Study, sweep_dir: Path, cfg: Any) -> dict[str, Any]:
+    """The official plugin's optimization_results.yaml, in the sweep directory."""
+    best = best_trials(study)
+    summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name}
+    if len(study.directions) > 1:
+        summary["solutions"] = [{"params": t.params, "values": t.values, "number": t.number} for t in best]
+    elif best:
+        summary |= {"best_params": best[0].params, "best_value": best[0].value, "best_trial": best[0].number}
+    else:
+        summary |= {"best_params": None, "best_value": None, "note": "no feasible completed trial"}
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(summary), sweep_dir / "optimization_results.yaml")
+    return summary
+
+
+def log_to_parent(
+    client: MlflowClient, parent: str, study: optuna.Study, summary: dict, sweep_dir: Path
+) -> None:
+    client.log_artifact(parent, str(sweep_dir / "optimization_results.yaml"))
+    with tempfile.TemporaryDirectory() as folder:
+        table = Path(folder) / "trials.csv"
+        study.trials_dataframe().to_csv(table, index=False)
+        client.log_artifact(parent, str(table))
+    if summary.get("best_value") is not None:
+        client.log_metric(parent, "best_value", float(summary["best_value"]))
+        client.set_tag(parent, "best_trial", str(summary["best_trial"]))
+
+
+def table(study: optuna.Study, cfg: Any) -> str:
+    """The console summary: best trials first, then where to look."""
+    metric, retained = cfg.objective.metric, cfg.objective.retained_metric
+    rows = [f"{'trial':>5} {'rank':>5} {'alpha':>8} {'lr':>9} {metric:>26} {retained:>26} state"]
+    order = sorted(study.trials, key=lambda t: (t.state != TrialState.COMPLETE, not feasible(t), _value(t)))
+    for trial in order[:10]:
+        metrics = trial.user_attrs.get("metrics", {})
+        state = trial.state.name.lower() + (
+            "" if feasible(trial) or trial.state != TrialState.COMPLETE else " infeasible"
+        )
+        rows.append(
+            f"{trial.number:>5} {_fmt(trial.params.get('lora.rank'))}"
+            f" {_fmt(trial.params.get('lora.alpha'), 8)}"
+            f" {_fmt(trial.params.get('train.lr'), 9)} {_fmt(metrics.get(metric), 26)}"
+            f" {_fmt(metrics.get(retained), 26)} {state}"
+        )
+    rows.append(f"browse: mlflow ui ({cfg.tracking.uri}), study: {study.study_name}")
+    return "\n".join(rows)
+
+
+def _value(trial: FrozenTrial) -> float:
+    return trial.values[0] if trial.values else math.inf
+
+
+def _fmt(value: Any, width: int = 5) -> str:
+    if value is None:
+        return "-".rjust(width)
+    if isinstance(value, float):
+        return f"{value:.3g}".rjust(width)
+    return str(value).rjust(width)

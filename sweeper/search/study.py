@@ -1,0 +1,236 @@
+"""The study controller behind our Hydra sweeper.
+
+It creates the MLflow experiment, the study's parent run and the Optuna storage once,
+before any trial starts; then asks Optuna for trials, runs each through Hydra's launcher
+(every trial is `python -m sweeper` with the sampled overrides, tracked as a child run),
+and tells Optuna the outcome. Re-running the same command resumes the study: `n_trials`
+is the total budget and finished trials are never repeated; a trial left RUNNING by a
+killed process is failed and re-queued with the same parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.plugins import Plugins
+from hydra.types import HydraContext, TaskFunction
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper import tracking
+from sweeper.search import grammar, results
+
+log = logging.getLogger(__name__)
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+
+
+def constraints(trial: FrozenTrial) -> list[float]:
+    """Optuna's `constraints_func`: feasible when <= 0; a trial without one is not."""
+    return list(trial.user_attrs.get("constraints", [1.0]))
+
+
+class StudySweeper:
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: str | None,
+        study_name: str,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        params: dict[str, str] | None,
+        custom_search_space: str | None,
+    ) -> None:
+        self.sampler_factory = sampler
+        self.direction = direction
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.n_jobs = max(1, n_jobs)
+        self.max_failure_rate = max_failure_rate
+        self.params = dict(params or {})
+        if custom_search_space:
+            raise NotImplementedError("hydra.sweeper.custom_search_space is not supported yet")
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+
+    # ------------------------------------------------------------------ the sweep
+
+    def sweep(self, arguments: list[str]) -> None:
+        cfg = self.config
+        space, fixed = grammar.parse([f"{key}={value}" for key, value in self.params.items()] + arguments)
+        grammar.check_keys([*space, *fixed], cfg)
+        directions = self._directions(str(cfg.objective.mode.value))
+        n_trials = min(self.n_trials, _grid_size(space)) if self._is_grid() else self.n_trials
+        storage = self.storage or f"sqlite:///{Path.cwd() / self.study_name}.db"
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=storage,
+            sampler=self._sampler(space, constrained=len(directions) == 1),
+            directions=directions,
+            load_if_exists=True,
+        )
+        experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
+        client = MlflowClient()
+        parent = self._parent_run(client, study, experiment_id, storage, space, fixed)
+        _requeue_interrupted(study)
+        log.info("study %s (%s): %d of %d trials done", self.study_name, storage, _done(study), n_trials)
+
+        status = "FAILED"
+        try:
+            self._run_trials(study, space, fixed, n_trials, storage, parent)
+            status = "FINISHED"
+        finally:
+            summary = results.write(study, self.sweep_dir, cfg)
+            results.log_to_parent(client, parent, study, summary, self.sweep_dir)
+            client.set_terminated(parent, status)
+        print(results.table(study, cfg))
+
+    def _run_trials(
+        self,
+        study: optuna.Study,
+        space: dict[str, BaseDistribution],
+        fixed: dict[str, str],
+        n_trials: int,
+        storage: str,
+        parent: str,
+    ) -> None:
+        job = 0
+        failures = 0
+        while (left := n_trials - _done(study)) > 0:
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, left))]
+            batch = [self._overrides(trial, fixed, storage, parent) for trial in trials]
+            returns = self.launcher.launch(batch, initial_job_idx=job)
+            job += len(returns)
+            for trial, ret in zip(trials, returns, strict=True):
+                try:
+                    outcome = ret.return_value  # raises the trial's exception
+                except Exception as error:  # a failed trial: recorded, the study goes on
+                    log.warning("trial %d failed: %s", trial.number, error)
+                    study.tell(trial, state=TrialState.FAIL)
+                    failures += 1
+                    continue
+                trial.set_user_attr("constraints", outcome["constraints"])
+                trial.set_user_attr("run_id", outcome["run_id"])
+                trial.set_user_attr("metrics", outcome["metrics"])
+                study.tell(trial, values=outcome["values"])
+            if failures > self.max_failure_rate * max(1, job):
+                raise RuntimeError(
+                    f"{failures} of {job} trials failed "
+                    f"(hydra.sweeper.max_failure_rate={self.max_failure_rate})"
+                )
+
+    def _overrides(self, trial: optuna.Trial, fixed: dict[str, str], storage: str, parent: str) -> list[str]:
+        return grammar.overrides(trial.params, fixed) + [
+            f"sweep.study_name={self.study_name}",
+            f"sweep.storage='{storage}'",
+            f"sweep.trial_number={trial.number}",
+            f"sweep.parent_run_id={parent}",
+        ]
+
+    # ------------------------------------------------------------------ set-up
+
+    def _directions(self, mode: str) -> list[str]:
+        directions = list(self.direction) if isinstance(self.direction, list | tuple) else [self.direction]
+        directions = [str(getattr(d, "name", d)) for d in directions]
+        wanted = 2 if mode == "pareto" else 1
+        if len(directions) == 1:
+            directions *= wanted
+        if len(directions) != wanted:
+            raise grammar.SearchSpaceError(
+                f"hydra.sweeper.direction: {len(directions)} directions "
+                f"for objective={mode} ({wanted} objectives)"
+            )
+        return directions
+
+    def _is_grid(self) -> bool:
+        factory = self.sampler_factory
+        return isinstance(factory, functools.partial) and factory.func is optuna.samplers.GridSampler
+
+    def _sampler(self, space: dict[str, BaseDistribution], constrained: bool) -> optuna.samplers.BaseSampler:
+        factory = self.sampler_factory
+        if not isinstance(factory, functools.partial):
+            return factory  # already an instance (a user's own config without _partial_)
+        if self._is_grid():
+            return factory(search_space={key: _grid_values(key, d) for key, d in space.items()})
+        accepts = inspect.signature(factory.func).parameters
+        if constrained and "constraints_func" in accepts:
+            return factory(constraints_func=constraints)
+        return factory()
+
+    def _parent_run(
+        self,
+        client: MlflowClient,
+        study: optuna.Study,
+        experiment_id: str,
+        storage: str,
+        space: dict[str, BaseDistribution],
+        fixed: dict[str, str],
+    ) -> str:
+        """One parent run per study: created once, reopened when the study resumes."""
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = client.create_run(
+            experiment_id,
+            run_name=f"study {self.study_name}",
+            tags={"study_name": self.study_name, "optuna_storage": storage, "role": "study"},
+        )
+        settings = {
+            "study_name": self.study_name,
+            "n_trials": self.n_trials,
+            "n_jobs": self.n_jobs,
+            "sampler": type(study.sampler).__name__,
+            "directions": ",".join(d.name.lower() for d in study.directions),
+            "objective": OmegaConf.to_yaml(self.config.objective).strip().replace("\n", "; "),
+        }
+        settings |= {f"space.{key}": repr(d) for key, d in space.items()}
+        settings |= {f"fixed.{key}": value for key, value in fixed.items()}
+        for key, value in settings.items():
+            client.log_param(run.info.run_id, key, str(value)[:6000])
+        study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
+        return run.info.run_id
+
+
+def _done(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=DONE))
+
+
+def _requeue_interrupted(study: optuna.Study) -> None:
+    """Trials left RUNNING by a killed controller: fail them and queue their parameters."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        log.warning("trial %d was left running by an earlier process: failed and re-queued", trial.number)
+
+
+def _grid_values(key: str, distribution: BaseDistribution) -> list[Any]:
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    if isinstance(distribution, IntDistribution) and not distribution.log:
+        return list(range(distribution.low, distribution.high + 1, distribution.step))
+    raise grammar.SearchSpaceError(
+        f"{key}: the grid sampler needs choices or integer ranges, got {distribution}"
+    )
+
+
+def _grid_size(space: dict[str, BaseDistribution]) -> int:
+    size = 1
+    for key, distribution in space.items():
+        size *= len(_grid_values(key, distribution))
+    return size
