@@ -125,6 +125,7 @@ class SweepConfig:
     study_name: str | None = None
     storage: str | None = None
     trial_number: int | None = None
+    trial_id: int | None = None  # Optuna's storage id, to report per-epoch values
     parent_run_id: str | None = None
 
 

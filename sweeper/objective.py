@@ -29,6 +29,7 @@ def outcome(cfg: Any, metrics: dict[str, float], run_id: str) -> dict[str, Any]:
     if ObjectiveMode(cfg.objective.mode) == ObjectiveMode.pareto:
         values.append(_metric(metrics, cfg.objective.retained_metric, "objective.retained_metric"))
     return {
+        "state": "complete",
         "values": values,
         "constraints": [constraint(cfg, metrics)],
         "run_id": run_id,

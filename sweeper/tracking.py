@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import optuna
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -113,6 +114,10 @@ def trial_run(
         status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
         status = RunStatus.to_string(RunStatus.KILLED)
+        raise
+    except optuna.TrialPruned as pruned:
+        status = RunStatus.to_string(RunStatus.KILLED)  # stopped on purpose, not broken
+        trial.set_tags({"pruned": "true", "pruned_at": str(pruned)})
         raise
     except BaseException as error:
         _record_error(trial, error)

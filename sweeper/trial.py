@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,8 +29,6 @@ EpochCallback = train.EpochCallback
 
 @dataclass
 class TrialResult:
-    objective: float  # fine-tuning validation force MAE (energy MAE without forces)
-    objective_name: str
     metrics: dict[str, float]
     run_id: str
     artifact_uri: str
@@ -39,7 +38,11 @@ class TrialResult:
 
 
 def run(
-    cfg: Any, output_dir: Path, on_epoch: EpochCallback | None = None, log_file: Path | None = None
+    cfg: Any,
+    output_dir: Path,
+    on_epoch: EpochCallback | None = None,
+    log_file: Path | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> TrialResult:
     # --- 1. input checks: cheap, before any training or tracking ---------------------
     config.check(cfg)
@@ -68,6 +71,8 @@ def run(
         log_file,
         parent_run_id=cfg.sweep.parent_run_id,
     ) as trial:
+        if on_start is not None:
+            on_start(trial.run_id)
         strategy = pet.finetune_strategy(
             method, cfg.model.checkpoint, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules)
         )
@@ -126,10 +131,7 @@ def run(
         trial.log_artifacts(adapter_dir, "adapter")
         trial.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         trial.set_tags({"stopped_early": str(result.last_epoch + 1 < cfg.train.epochs).lower()})
-        objective_name = "val_force_mae_meV_per_A" if labels.forces_key else "val_energy_mae_meV_per_atom"
         return TrialResult(
-            objective=metrics[objective_name],
-            objective_name=objective_name,
             metrics=metrics,
             run_id=trial.run_id,
             artifact_uri=trial.artifact_uri,

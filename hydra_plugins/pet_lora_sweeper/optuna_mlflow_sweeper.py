@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 
 @dataclass
@@ -22,8 +22,10 @@ class OptunaMlflowSweeperConf:
     """The official Optuna sweeper's keys, with the same meaning."""
 
     _target_: str = "hydra_plugins.pet_lora_sweeper.optuna_mlflow_sweeper.OptunaMlflowSweeper"
-    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
-    sampler: Any = None  # a `_target_` config from hydra/sweeper/sampler
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
+    # MISSING, not None: this node is merged after its defaults and None would erase them.
+    sampler: Any = MISSING  # hydra/sweeper/sampler: tpe, random, grid, gp, cmaes, nsgaii, qmc
+    pruner: Any = MISSING  # hydra/sweeper/pruner: median, hyperband, successive_halving, none
     direction: Any = "minimize"  # one value, or a list for several objectives
     storage: str | None = None  # default: sqlite:///<study_name>.db beside mlflow.db
     study_name: str = "pet-lora"

@@ -59,24 +59,35 @@ def log_to_parent(
         client.set_tag(parent, "best_trial", str(summary["best_trial"]))
 
 
-def table(study: optuna.Study, cfg: Any) -> str:
+def table(study: optuna.Study, cfg: Any, fixed: dict[str, str]) -> str:
     """The console summary: best trials first, then where to look."""
     metric, retained = cfg.objective.metric, cfg.objective.retained_metric
     rows = [f"{'trial':>5} {'rank':>5} {'alpha':>8} {'lr':>9} {metric:>26} {retained:>26} state"]
     order = sorted(study.trials, key=lambda t: (t.state != TrialState.COMPLETE, not feasible(t), _value(t)))
     for trial in order[:10]:
         metrics = trial.user_attrs.get("metrics", {})
+        params = {**{key: _number(value) for key, value in fixed.items()}, **trial.params}
         state = trial.state.name.lower() + (
             "" if feasible(trial) or trial.state != TrialState.COMPLETE else " infeasible"
         )
         rows.append(
-            f"{trial.number:>5} {_fmt(trial.params.get('lora.rank'))}"
-            f" {_fmt(trial.params.get('lora.alpha'), 8)}"
-            f" {_fmt(trial.params.get('train.lr'), 9)} {_fmt(metrics.get(metric), 26)}"
+            f"{trial.number:>5} {_fmt(params.get('lora.rank'))}"
+            f" {_fmt(params.get('lora.alpha'), 8)}"
+            f" {_fmt(params.get('train.lr'), 9)} {_fmt(metrics.get(metric), 26)}"
             f" {_fmt(metrics.get(retained), 26)} {state}"
         )
     rows.append(f"browse: mlflow ui ({cfg.tracking.uri}), study: {study.study_name}")
     return "\n".join(rows)
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
 
 
 def _value(trial: FrozenTrial) -> float:

@@ -41,6 +41,7 @@ class StudySweeper:
     def __init__(
         self,
         sampler: Any,
+        pruner: Any,
         direction: Any,
         storage: str | None,
         study_name: str,
@@ -51,6 +52,7 @@ class StudySweeper:
         custom_search_space: str | None,
     ) -> None:
         self.sampler_factory = sampler
+        self.pruner = pruner if pruner is not None else optuna.pruners.NopPruner()
         self.direction = direction
         self.storage = storage
         self.study_name = study_name
@@ -81,6 +83,7 @@ class StudySweeper:
             study_name=self.study_name,
             storage=storage,
             sampler=self._sampler(space, constrained=len(directions) == 1),
+            pruner=self.pruner,
             directions=directions,
             load_if_exists=True,
         )
@@ -98,7 +101,7 @@ class StudySweeper:
             summary = results.write(study, self.sweep_dir, cfg)
             results.log_to_parent(client, parent, study, summary, self.sweep_dir)
             client.set_terminated(parent, status)
-        print(results.table(study, cfg))
+        print(results.table(study, cfg, fixed))
 
     def _run_trials(
         self,
@@ -121,24 +124,35 @@ class StudySweeper:
                     outcome = ret.return_value  # raises the trial's exception
                 except Exception as error:  # a failed trial: recorded, the study goes on
                     log.warning("trial %d failed: %s", trial.number, error)
-                    study.tell(trial, state=TrialState.FAIL)
+                    outcome = {"state": "fail"}
                     failures += 1
-                    continue
-                trial.set_user_attr("constraints", outcome["constraints"])
-                trial.set_user_attr("run_id", outcome["run_id"])
-                trial.set_user_attr("metrics", outcome["metrics"])
-                study.tell(trial, values=outcome["values"])
+                state = self._tell(study, trial, outcome)
+                _tag_child_run(study, trial.number, state)
             if failures > self.max_failure_rate * max(1, job):
                 raise RuntimeError(
                     f"{failures} of {job} trials failed "
                     f"(hydra.sweeper.max_failure_rate={self.max_failure_rate})"
                 )
 
+    @staticmethod
+    def _tell(study: optuna.Study, trial: optuna.Trial, outcome: dict[str, Any]) -> TrialState:
+        if outcome["state"] == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+            return TrialState.PRUNED
+        if outcome["state"] == "fail":
+            study.tell(trial, state=TrialState.FAIL)
+            return TrialState.FAIL
+        trial.set_user_attr("constraints", outcome["constraints"])
+        trial.set_user_attr("metrics", outcome["metrics"])
+        study.tell(trial, values=outcome["values"])
+        return TrialState.COMPLETE
+
     def _overrides(self, trial: optuna.Trial, fixed: dict[str, str], storage: str, parent: str) -> list[str]:
         return grammar.overrides(trial.params, fixed) + [
             f"sweep.study_name={self.study_name}",
             f"sweep.storage='{storage}'",
             f"sweep.trial_number={trial.number}",
+            f"sweep.trial_id={trial._trial_id}",
             f"sweep.parent_run_id={parent}",
         ]
 
@@ -205,6 +219,18 @@ class StudySweeper:
             client.log_param(run.info.run_id, key, str(value)[:6000])
         study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
         return run.info.run_id
+
+
+def _tag_child_run(study: optuna.Study, number: int, state: TrialState) -> None:
+    """The final state on the trial's MLflow run: complete, pruned or fail; feasibility."""
+    trial = study.trials[number]
+    run_id = trial.user_attrs.get("run_id")
+    if run_id is None:
+        return  # failed before its run started (bad input): there is nothing to tag
+    client = MlflowClient()
+    client.set_tag(run_id, "optuna_state", state.name.lower())
+    if state == TrialState.COMPLETE:
+        client.set_tag(run_id, "feasible", str(results.feasible(trial)).lower())
 
 
 def _done(study: optuna.Study) -> int:

@@ -1,0 +1,77 @@
+"""The trial's side of a study: report every epoch, stop at once when pruned.
+
+A trial runs in a Hydra job, maybe on another machine; it reopens the study from its
+storage with the same pruner (Optuna does not store pruners) and reports the
+fine-tuning metric each epoch. Optuna cannot report intermediate values for several
+objectives, so Pareto mode applies our own rule to the fine-tuning metric alone: the
+median rule (prune when worse than the median of completed trials at the same epoch,
+once `n_startup_trials` have completed and after `n_warmup_steps` epochs), with the
+median pruner's settings when one is configured.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from optuna.trial import TrialState
+
+CURVE_ATTR = "curve"  # epoch -> fine-tuning metric, for our Pareto-mode rule
+
+
+def configured_pruner() -> optuna.pruners.BasePruner:
+    """The sweep's pruner, rebuilt from the Hydra config this job was launched with."""
+    config = HydraConfig.get().sweeper.get("pruner")
+    return instantiate(config) if config is not None else optuna.pruners.NopPruner()
+
+
+class Reporter:
+    """The per-epoch hook of one trial inside a study."""
+
+    def __init__(self, cfg: Any, pruner: optuna.pruners.BasePruner) -> None:
+        self.metric = cfg.objective.metric
+        self.pruner = pruner
+        self.study = optuna.load_study(
+            study_name=cfg.sweep.study_name, storage=cfg.sweep.storage, pruner=pruner
+        )
+        self.trial = optuna.trial.Trial(self.study, cfg.sweep.trial_id)
+        self.pareto = len(self.study.directions) > 1
+        self.curve: dict[str, float] = {}
+
+    def started(self, run_id: str) -> None:
+        """Lets the controller find (and tag) this trial's MLflow run whatever happens."""
+        self.trial.set_user_attr("run_id", run_id)
+
+    def __call__(self, epoch: int, row: dict[str, float]) -> None:
+        if self.metric not in row:
+            return  # a final-only metric (e.g. retained): nothing to report per epoch
+        value = row[self.metric]
+        if self.pareto:
+            self.curve[str(epoch)] = value
+            self.trial.set_user_attr(CURVE_ATTR, self.curve)
+            if _worse_than_median(self.study, self.pruner, epoch, value):
+                raise optuna.TrialPruned(f"epoch {epoch}: {self.metric} {value:g} worse than the median")
+            return
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch}: {self.metric} {value:g}")
+
+
+def _worse_than_median(
+    study: optuna.Study, pruner: optuna.pruners.BasePruner, epoch: int, value: float
+) -> bool:
+    if isinstance(pruner, optuna.pruners.NopPruner):
+        return False
+    startup = getattr(pruner, "_n_startup_trials", 3)
+    warmup = getattr(pruner, "_n_warmup_steps", 2)
+    if epoch < warmup:
+        return False
+    others = [
+        trial.user_attrs[CURVE_ATTR][str(epoch)]
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if str(epoch) in trial.user_attrs.get(CURVE_ATTR, {})
+    ]
+    return len(others) >= startup and value > statistics.median(others)

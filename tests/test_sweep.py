@@ -1,0 +1,172 @@
+"""Sweeps through the CLI: `python -m sweeper -m ...` on tiny data, read back from Optuna and MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import run_cli, runs, tiny_overrides
+from mlflow.tracking import MlflowClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from sweeper.search import grammar
+from sweeper.search.grammar import SearchSpaceError
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.rank=4,8,16", CategoricalDistribution([4, 8, 16])),
+        ("lora.rank=choice(2, 4)", CategoricalDistribution([2, 4])),
+        ("lora.rank=range(2, 6)", IntDistribution(2, 6)),
+        ("lora.rank=range(2, 10, 4)", IntDistribution(2, 10, step=4)),
+        ("lora.alpha=interval(1.0, 8.0)", FloatDistribution(1.0, 8.0)),
+        ("lora.rank=int(interval(2, 9))", IntDistribution(2, 9)),
+        ("train.lr=tag(log, interval(1e-4, 1e-2))", FloatDistribution(1e-4, 1e-2, log=True)),
+        ("lora.rank=tag(log, int(interval(2, 64)))", IntDistribution(2, 64, log=True)),
+        ("lora.init=shuffle(zero, metatrain)", None),
+    ],
+)
+def test_grammar_gives_the_official_distributions(override, expected) -> None:
+    space, fixed = grammar.parse([override])
+    (distribution,) = space.values()
+    if expected is None:  # shuffle: categorical over the same choices, any order
+        assert sorted(distribution.choices) == ["metatrain", "zero"]
+    else:
+        assert distribution == expected
+    assert fixed == {}
+
+
+def test_plain_values_fix_keys_and_command_line_replaces_config_entries() -> None:
+    space, fixed = grammar.parse(["lora.rank=choice(2,4,8)", "train.epochs=3", "lora.rank=4,8"])
+    assert space == {"lora.rank": CategoricalDistribution([4, 8])}
+    assert fixed == {"train.epochs": "3"}
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["lora.alpha=interval(5, 1)", "train.lr=tag(log, interval(0, 1e-2))", "lora.rank=range(8, 2)"],
+)
+def test_search_space_mistakes_are_errors(override) -> None:
+    with pytest.raises(SearchSpaceError, match=override.split("=")[0]):
+        grammar.parse([override])
+
+
+def _sweep(tiny_data, workdir: Path, *arguments: str):
+    base = [a for a in tiny_overrides(tiny_data, workdir) if not a.startswith("train.epochs")]
+    return run_cli(["-m", *base, "train.epochs=2", "data.original.max_structures=4", *arguments], cwd=workdir)
+
+
+def _study(workdir: Path, name: str = "pet-lora") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / name}.db")
+
+
+@pytest.fixture(scope="module")
+def rank_sweep(tiny_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sweep")
+    done = _sweep(tiny_data, workdir, "lora.rank=2,4", "hydra.sweeper.n_trials=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, done
+
+
+def test_rank_sweep_stays_in_its_choices_and_hangs_under_one_parent(rank_sweep) -> None:
+    workdir, done = rank_sweep
+    study = _study(workdir)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert {t.params["lora.rank"] for t in study.trials} <= {2, 4}
+    all_runs = runs(workdir)
+    (parent,) = [r for r in all_runs if r.data.tags.get("role") == "study"]
+    children = [r for r in all_runs if r is not parent]
+    assert len(children) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == [0, 1, 2]
+    assert {r.data.params["lora.rank"] for r in children} <= {"2", "4"}
+    assert all(r.info.run_name.startswith(f"t{r.data.tags['trial_number']} r") for r in children)
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
+    assert "retained_force_mae_ratio" in done.stdout  # the summary table
+
+
+def test_results_file_names_the_best_feasible_trial(rank_sweep) -> None:
+    workdir, _ = rank_sweep
+    (results,) = workdir.glob("multirun/*/*/optimization_results.yaml")
+    summary = yaml.safe_load(results.read_text())
+    study = _study(workdir)
+    feasible = [t for t in study.trials if t.user_attrs["constraints"][0] <= 0]
+    if feasible:
+        best = min(feasible, key=lambda t: t.value)
+        assert summary["best_value"] == pytest.approx(best.value)
+        assert summary["best_params"] == best.params
+    else:
+        assert summary["best_value"] is None
+
+
+def test_resume_runs_only_what_the_budget_has_left(rank_sweep, tiny_data) -> None:
+    workdir, _ = rank_sweep
+    done = _sweep(tiny_data, workdir, "lora.rank=2,4", "hydra.sweeper.n_trials=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = _sweep(tiny_data, workdir, "lora.rank=2,4", "hydra.sweeper.n_trials=4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = _study(workdir)
+    assert len(study.trials) == 4
+    parents = [r for r in runs(workdir) if r.data.tags.get("role") == "study"]
+    assert len(parents) == 1 and len(runs(workdir)) == 5
+
+
+def test_infeasible_trials_are_kept_and_marked(tiny_data, tmp_path) -> None:
+    # A tolerance no trial can meet: every trial is infeasible, and still recorded.
+    done = _sweep(
+        tiny_data, tmp_path, "lora.rank=2", "hydra.sweeper.n_trials=2", "objective.retained_tolerance=0"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = _study(tmp_path)
+    assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
+    ratios = [t.user_attrs["metrics"]["retained_force_mae_ratio"] for t in study.trials]
+    assert all(
+        t.user_attrs["constraints"][0] == pytest.approx(r - 1)
+        for t, r in zip(study.trials, ratios, strict=True)
+    )
+    assert "infeasible" in done.stdout or all(r <= 1 for r in ratios)
+
+
+def test_pareto_mode_writes_solutions(tiny_data, tmp_path) -> None:
+    done = _sweep(tiny_data, tmp_path, "objective=pareto", "hydra.sweeper.n_trials=2", "lora.rank=2,4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = tmp_path.glob("multirun/*/*/optimization_results.yaml")
+    summary = yaml.safe_load(results.read_text())
+    assert summary["solutions"] and all(len(s["values"]) == 2 for s in summary["solutions"])
+    assert len(_study(tmp_path).directions) == 2
+
+
+@pytest.mark.parametrize(
+    ("argument", "key"),
+    [("lora.alpha=interval(5,1)", "lora.alpha"), ("lora.rnak=2,4", "lora.rnak")],
+)
+def test_search_space_mistake_stops_before_any_trial(tiny_data, tmp_path, argument, key) -> None:
+    done = _sweep(tiny_data, tmp_path, argument, "hydra.sweeper.n_trials=2")
+    assert done.returncode != 0
+    assert key in done.stderr
+    assert runs(tmp_path) == []
+
+
+def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path) -> None:
+    pruning = [
+        "lora.rank=2",
+        "hydra.sweeper.pruner.n_startup_trials=2",
+        "hydra.sweeper.pruner.n_warmup_steps=0",
+    ]
+    first = _sweep(tiny_data, tmp_path, *pruning, "train.lr=1e-3", "hydra.sweeper.n_trials=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # The same study, resumed with a learning rate that wrecks the model in one epoch.
+    absurd = _sweep(tiny_data, tmp_path, *pruning, "train.lr=0.5", "hydra.sweeper.n_trials=3")
+    assert absurd.returncode == 0, absurd.stderr[-3000:]
+    study = _study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    (pruned,) = [r for r in runs(tmp_path) if r.data.tags.get("trial_number") == "2"]
+    assert pruned.info.status == "KILLED" and pruned.data.tags["pruned"] == "true"
+    assert pruned.data.tags["optuna_state"] == "pruned"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "adapter" not in {a.path for a in client.list_artifacts(pruned.info.run_id)}
+    assert "val_force_mae_meV_per_A" not in pruned.data.metrics  # no final evaluation
+    assert pruned.data.metrics["epoch/val_force_mae_meV_per_A"] > 10 * max(t.value for t in study.trials[:2])
