@@ -86,6 +86,12 @@ def test_rank_sweep_stays_in_its_choices_and_hangs_under_one_parent(rank_sweep) 
     assert all(r.info.run_name.startswith(f"t{r.data.tags['trial_number']} r") for r in children)
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
     assert "retained_force_mae_ratio" in done.stdout  # the summary table
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_results.yaml", "trials.csv", "plots"} <= top
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/plots.html", "plots/optimization_history.png", "plots/intermediate_values.png"} <= plots
+    assert "3 trials" in parent.data.tags["mlflow.note.content"]
 
 
 def test_results_file_names_the_best_feasible_trial(rank_sweep) -> None:
@@ -170,3 +176,23 @@ def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path) -> 
     assert "adapter" not in {a.path for a in client.list_artifacts(pruned.info.run_id)}
     assert "val_force_mae_meV_per_A" not in pruned.data.metrics  # no final evaluation
     assert pruned.data.metrics["epoch/val_force_mae_meV_per_A"] > 10 * max(t.value for t in study.trials[:2])
+
+
+def suggest_weight_decay(cfg, trial) -> None:
+    """A custom search space extender, as `hydra.sweeper.custom_search_space` names one."""
+    trial.suggest_float("train.weight_decay", 1e-4, 1e-2, log=True)
+
+
+def test_custom_search_space_adds_parameters(tiny_data, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # so the CLI finds this module
+    done = _sweep(
+        tiny_data,
+        tmp_path,
+        "lora.rank=2",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.custom_search_space=test_sweep.suggest_weight_decay",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = _study(tmp_path).trials
+    (child,) = [r for r in runs(tmp_path) if "trial_number" in r.data.tags]
+    assert float(child.data.params["train.weight_decay"]) == pytest.approx(trial.params["train.weight_decay"])

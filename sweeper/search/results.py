@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-COLUMNS = ("lora.rank", "lora.alpha", "train.lr")
+from sweeper.search import plots
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -47,16 +47,46 @@ def write(study: optuna.Study, sweep_dir: Path, cfg: Any) -> dict[str, Any]:
 
 
 def log_to_parent(
-    client: MlflowClient, parent: str, study: optuna.Study, summary: dict, sweep_dir: Path
+    client: MlflowClient, parent: str, study: optuna.Study, summary: dict, sweep_dir: Path, cfg: Any
 ) -> None:
+    """The study's run: results, the trials table, the plots and a description."""
     client.log_artifact(parent, str(sweep_dir / "optimization_results.yaml"))
     with tempfile.TemporaryDirectory() as folder:
         table = Path(folder) / "trials.csv"
         study.trials_dataframe().to_csv(table, index=False)
         client.log_artifact(parent, str(table))
+        for path in plots.save(study, Path(folder) / "plots", cfg.objective.metric):
+            client.log_artifact(parent, str(path), "plots")
     if summary.get("best_value") is not None:
         client.log_metric(parent, "best_value", float(summary["best_value"]))
         client.set_tag(parent, "best_trial", str(summary["best_trial"]))
+    client.set_tag(parent, "mlflow.note.content", description(study, summary, cfg))
+
+
+def description(study: optuna.Study, summary: dict, cfg: Any) -> str:
+    """The parent run's description in the MLflow UI: the study in a few lines."""
+    counts: dict[str, int] = {}
+    for trial in study.trials:
+        counts[trial.state.name.lower()] = counts.get(trial.state.name.lower(), 0) + 1
+    objective = cfg.objective
+    goal = f"minimise `{objective.metric}`"
+    if len(study.directions) == 1:
+        goal += f" with `{objective.retained_metric}` <= {1 + objective.retained_tolerance:g}"
+    else:
+        goal += f" and `{objective.retained_metric}` (Pareto front)"
+    lines = [
+        f"Optuna study `{study.study_name}`: {len(study.trials)} trials ("
+        + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        + ")",
+        f"sampler {type(study.sampler).__name__}, pruner {type(study.pruner).__name__}; {goal}",
+    ]
+    if summary.get("best_value") is not None:
+        lines.append(
+            f"best: trial {summary['best_trial']}, {summary['best_value']:.4g}, {summary['best_params']}"
+        )
+    elif "solutions" in summary:
+        lines.append(f"Pareto front: {len(summary['solutions'])} trials")
+    return "\n\n".join(lines)
 
 
 def table(study: optuna.Study, cfg: Any, fixed: dict[str, str]) -> str:

@@ -19,10 +19,12 @@ from typing import Any
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
 
 from sweeper import tracking
 from sweeper.search import grammar, results
@@ -60,8 +62,8 @@ class StudySweeper:
         self.n_jobs = max(1, n_jobs)
         self.max_failure_rate = max_failure_rate
         self.params = dict(params or {})
-        if custom_search_space:
-            raise NotImplementedError("hydra.sweeper.custom_search_space is not supported yet")
+        # "module.function": called as function(cfg, trial) to suggest more parameters.
+        self.extend_space = get_method(custom_search_space) if custom_search_space else None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -99,7 +101,7 @@ class StudySweeper:
             status = "FINISHED"
         finally:
             summary = results.write(study, self.sweep_dir, cfg)
-            results.log_to_parent(client, parent, study, summary, self.sweep_dir)
+            results.log_to_parent(client, parent, study, summary, self.sweep_dir, cfg)
             client.set_terminated(parent, status)
         print(results.table(study, cfg, fixed))
 
@@ -112,27 +114,35 @@ class StudySweeper:
         storage: str,
         parent: str,
     ) -> None:
-        job = 0
-        failures = 0
-        while (left := n_trials - _done(study)) > 0:
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, left))]
-            batch = [self._overrides(trial, fixed, storage, parent) for trial in trials]
-            returns = self.launcher.launch(batch, initial_job_idx=job)
-            job += len(returns)
-            for trial, ret in zip(trials, returns, strict=True):
-                try:
-                    outcome = ret.return_value  # raises the trial's exception
-                except Exception as error:  # a failed trial: recorded, the study goes on
-                    log.warning("trial %d failed: %s", trial.number, error)
-                    outcome = {"state": "fail"}
-                    failures += 1
-                state = self._tell(study, trial, outcome)
-                _tag_child_run(study, trial.number, state)
-            if failures > self.max_failure_rate * max(1, job):
-                raise RuntimeError(
-                    f"{failures} of {job} trials failed "
-                    f"(hydra.sweeper.max_failure_rate={self.max_failure_rate})"
-                )
+        job = failures = 0
+        with tqdm(total=n_trials, initial=_done(study), desc=f"study {self.study_name}", unit="trial") as bar:
+            while (left := n_trials - _done(study)) > 0:
+                trials = [self._ask(study, space) for _ in range(min(self.n_jobs, left))]
+                batch = [self._overrides(trial, fixed, storage, parent) for trial in trials]
+                returns = self.launcher.launch(batch, initial_job_idx=job)
+                job += len(returns)
+                for trial, ret in zip(trials, returns, strict=True):
+                    try:
+                        outcome = ret.return_value  # raises the trial's exception
+                    except Exception as error:  # a failed trial: recorded, the study goes on
+                        log.warning("trial %d failed: %s", trial.number, error)
+                        outcome = {"state": "fail"}
+                        failures += 1
+                    state = self._tell(study, trial, outcome)
+                    _tag_child_run(study, trial.number, state)
+                    bar.update(int(state in DONE))
+                    bar.set_postfix_str(_best_so_far(study))
+                if failures > self.max_failure_rate * job:
+                    raise RuntimeError(
+                        f"{failures} of {job} trials failed "
+                        f"(hydra.sweeper.max_failure_rate={self.max_failure_rate})"
+                    )
+
+    def _ask(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial:
+        trial = study.ask(space)
+        if self.extend_space is not None:
+            self.extend_space(self.config, trial)
+        return trial
 
     @staticmethod
     def _tell(study: optuna.Study, trial: optuna.Trial, outcome: dict[str, Any]) -> TrialState:
@@ -231,6 +241,13 @@ def _tag_child_run(study: optuna.Study, number: int, state: TrialState) -> None:
     client.set_tag(run_id, "optuna_state", state.name.lower())
     if state == TrialState.COMPLETE:
         client.set_tag(run_id, "feasible", str(results.feasible(trial)).lower())
+
+
+def _best_so_far(study: optuna.Study) -> str:
+    best = results.best_trials(study)
+    if len(study.directions) > 1:
+        return f"{len(best)} on the Pareto front"
+    return f"best {best[0].value:.4g} (trial {best[0].number})" if best else "no feasible trial yet"
 
 
 def _done(study: optuna.Study) -> int:
