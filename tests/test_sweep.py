@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -196,3 +204,74 @@ def test_custom_search_space_adds_parameters(tiny_data, tmp_path, monkeypatch) -
     (trial,) = _study(tmp_path).trials
     (child,) = [r for r in runs(tmp_path) if "trial_number" in r.data.tags]
     assert float(child.data.params["train.weight_decay"]) == pytest.approx(trial.params["train.weight_decay"])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(rank_sweep):
+    """A real `mlflow server` on loopback over the finished sweep's store."""
+    workdir, _ = rank_sweep
+    port = _free_port()
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start in 60 s")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver"
+)
+def test_mlflow_ui_lists_the_study_and_its_trials(mlflow_server, rank_sweep, tmp_path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1600,1000", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        browser.get(f"{mlflow_server}/#/experiments/1/runs")
+        WebDriverWait(browser, 60).until(
+            lambda b: "study pet-lora" in b.find_element("tag name", "body").text
+        )
+        # The children sit under their parent: expand its row, then every trial run shows.
+        rows = browser.find_elements("css selector", "[role='row']")
+        (parent_row,) = [row for row in rows if "study pet-lora" in row.text]
+        parent_row.find_element("css selector", "button[data-component-id*='runnamecellrenderer']").click()
+        WebDriverWait(browser, 30).until(
+            lambda b: all(f"t{n} r" in b.find_element("tag name", "body").text for n in range(3))
+        )
+        shot = Path(os.environ.get("SCREENSHOT_DIR", tmp_path)) / "mlflow_sweep.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+    finally:
+        browser.quit()

@@ -29,7 +29,7 @@ class OptunaMlflowSweeperConf:
     direction: Any = "minimize"  # one value, or a list for several objectives
     storage: str | None = None  # default: sqlite:///<study_name>.db beside mlflow.db
     study_name: str = "pet-lora"
-    n_trials: int = 20  # the study's total budget: a re-run resumes up to it
+    n_trials: int = 8  # the study's total budget: a re-run resumes up to it
     n_jobs: int = 1
     max_failure_rate: float = 0.0
     params: dict[str, str] | None = None
