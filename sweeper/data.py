@@ -6,6 +6,7 @@ trained, so a bad path or key is a one-line error naming the file and the key.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,22 @@ def labels_of(cfg: Any) -> pet.Labels:
     )
 
 
+def _identity(path: str) -> tuple[str, int, int]:
+    """What a cached read depends on: the file's path, modification time and size."""
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
+
+
 def scan(path: str, key: str, labels: pet.Labels) -> set[int]:
     """Check a structure file has the configured labels; return its atomic numbers."""
-    file = Path(path)
-    if not file.is_file():
+    if not Path(path).is_file():
         raise ConfigError(f"{key}: file not found: {path}")
+    return set(_scan(_identity(path), key, labels))
+
+
+@functools.lru_cache(maxsize=16)  # a sweep's trials read the same files: once per process
+def _scan(identity: tuple[str, int, int], key: str, labels: pet.Labels) -> frozenset[int]:
+    path = identity[0]
     species: set[int] = set()
     count = 0
     try:
@@ -66,7 +78,17 @@ def scan(path: str, key: str, labels: pet.Labels) -> set[int]:
         raise ConfigError(f"{key}: cannot read {path} with ASE: {type(error).__name__}: {error}") from None
     if count == 0:
         raise ConfigError(f"{key}: {path} holds no structures")
-    return species
+    return frozenset(species)
+
+
+@functools.lru_cache(maxsize=16)
+def _read(identity: tuple[str, int, int], labels: pet.Labels) -> tuple[pet.Dataset, dict]:
+    return pet.read_dataset(identity[0], labels)
+
+
+def read(path: str, labels: pet.Labels) -> tuple[pet.Dataset, dict]:
+    """metatrain's reading of a file, once per process (datasets are never modified)."""
+    return _read(_identity(path), labels)
 
 
 def _labels_of(atoms: Any) -> tuple[dict, dict]:
@@ -96,20 +118,20 @@ def check(cfg: Any) -> dict[str, set[int]]:
 def load(cfg: Any) -> Datasets:
     finetune, original = cfg.data.finetune, cfg.data.original
     labels = labels_of(finetune)
-    train, target_info = pet.read_dataset(finetune.train, labels)
+    train, target_info = read(finetune.train, labels)
     sha = {"train": file_sha256(finetune.train)}
     if finetune.validation is not None:
-        validation, _ = pet.read_dataset(finetune.validation, labels)
+        validation, _ = read(finetune.validation, labels)
         sha["validation"] = file_sha256(finetune.validation)
     else:
         train, validation = _split(train, finetune.validation_fraction, cfg.seed)
     test = None
     if finetune.test is not None:
-        test, _ = pet.read_dataset(finetune.test, labels)
+        test, _ = read(finetune.test, labels)
         sha["test"] = file_sha256(finetune.test)
     original_set = None
     if original.path is not None:
-        original_set, _ = pet.read_dataset(original.path, labels_of(original))
+        original_set, _ = read(original.path, labels_of(original))
         original_set = _subsample(original_set, original.max_structures, original.subsample_seed)
         sha["original"] = file_sha256(original.path)
     return Datasets(

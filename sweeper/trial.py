@@ -106,11 +106,13 @@ def run(
         train_seconds = time.perf_counter() - start
         pet.load_state(model, result.state)
 
+        start = time.perf_counter()
         metrics = _evaluate(cfg, model, datasets, device, base_sha)
         metrics |= {
             "best_epoch": result.best_epoch,
             "epochs_run": result.last_epoch + 1,
             "train_seconds": train_seconds,
+            "evaluation_seconds": time.perf_counter() - start,
         }
         if clock.seconds_per_epoch() is not None:
             metrics["seconds_per_epoch"] = clock.seconds_per_epoch()

@@ -113,6 +113,7 @@ def test_same_seed_and_threads_give_the_same_numbers(cli_trial, tiny_data, tmp_p
 
 
 def _in_process(tiny_data, tmp_path, monkeypatch, overrides, **kwargs) -> trial.TrialResult:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(tmp_path)
     cfg = compose_config(tiny_overrides(tiny_data, tmp_path) + overrides)
     return trial.run(cfg, tmp_path / "out", **kwargs)
@@ -207,3 +208,13 @@ def test_system_metrics_are_switchable(tiny_data, tmp_path, monkeypatch) -> None
 def test_system_metrics_are_off_by_default(cli_trial) -> None:
     _, _, run = cli_trial
     assert not any(name.startswith("system/") for name in run.data.metrics)
+
+
+def test_trials_in_one_process_repeat_exactly(tiny_data, tmp_path, monkeypatch) -> None:
+    """A sweep runs many trials in one process, sharing cached datasets: nothing leaks between them."""
+    first = _in_process(tiny_data, tmp_path / "a", monkeypatch, ["train.epochs=2"])
+    second = _in_process(tiny_data, tmp_path / "b", monkeypatch, ["train.epochs=2"])
+    timings = {"train_seconds", "evaluation_seconds", "seconds_per_epoch"}
+    assert first.metrics.keys() == second.metrics.keys()
+    for name in first.metrics.keys() - timings:
+        assert second.metrics[name] == first.metrics[name], name
