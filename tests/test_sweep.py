@@ -275,3 +275,22 @@ def test_mlflow_ui_lists_the_study_and_its_trials(mlflow_server, rank_sweep, tmp
         assert shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_a_trial_left_running_is_failed_and_retried_with_its_parameters(tiny_data, tmp_path) -> None:
+    first = _sweep(tiny_data, tmp_path, "lora.rank=2,4", "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # A controller killed mid-trial leaves the trial RUNNING in the storage.
+    study = _study(tmp_path)
+    orphan = study.ask(
+        {"lora.rank": CategoricalDistribution([2, 4]), "lora.alpha": FloatDistribution(1.0, 64.0, log=True)}
+    )
+    orphan_params = dict(orphan.params)
+    again = _sweep(tiny_data, tmp_path, "lora.rank=2,4", "hydra.sweeper.n_trials=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = _study(tmp_path).trials
+    assert trials[orphan.number].state.name == "FAIL"
+    retried = [t for t in trials if t.number > orphan.number]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    assert {k: retried[0].params[k] for k in orphan_params} == orphan_params
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2

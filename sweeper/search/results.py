@@ -89,7 +89,7 @@ def description(study: optuna.Study, summary: dict, cfg: Any) -> str:
     return "\n\n".join(lines)
 
 
-def table(study: optuna.Study, cfg: Any, fixed: dict[str, str]) -> str:
+def table(study: optuna.Study, cfg: Any, fixed: dict[str, str], storage: str) -> str:
     """The console summary: best trials first, then where to look."""
     metric, retained = cfg.objective.metric, cfg.objective.retained_metric
     rows = [f"{'trial':>5} {'rank':>5} {'alpha':>8} {'lr':>9} {metric:>26} {retained:>26} state"]
@@ -106,7 +106,7 @@ def table(study: optuna.Study, cfg: Any, fixed: dict[str, str]) -> str:
             f" {_fmt(params.get('train.lr'), 9)} {_fmt(metrics.get(metric), 26)}"
             f" {_fmt(metrics.get(retained), 26)} {state}"
         )
-    rows.append(f"browse: mlflow ui ({cfg.tracking.uri}), study: {study.study_name}")
+    rows.append(f"browse: mlflow ui ({cfg.tracking.uri}); study {study.study_name!r} in {storage}")
     return "\n".join(rows)
 
 

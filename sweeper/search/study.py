@@ -99,11 +99,14 @@ class StudySweeper:
         try:
             self._run_trials(study, space, fixed, n_trials, storage, parent)
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             summary = results.write(study, self.sweep_dir, cfg)
             results.log_to_parent(client, parent, study, summary, self.sweep_dir, cfg)
             client.set_terminated(parent, status)
-        print(results.table(study, cfg, fixed))
+        print(results.table(study, cfg, fixed, storage))
 
     def _run_trials(
         self,
