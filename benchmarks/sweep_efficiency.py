@@ -43,23 +43,40 @@ def run(workdir: Path, arguments: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def trials(workdir: Path) -> tuple[list[dict], float | None]:
+def trials(workdir: Path) -> tuple[list[dict], dict | None]:
     """Trials in the order they ran: epochs trained, metric, retained ratio; study overhead."""
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("pet-lora").experiment_id
     found = client.search_runs([experiment], order_by=["start_time ASC"], max_results=1000)
     parents = [r for r in found if r.data.tags.get("role") == "study"]
     rows = []
-    for run in [r for r in found if r not in parents]:
+    children = [r for r in found if r not in parents]
+    for run in children:
         epochs = len(client.get_metric_history(run.info.run_id, f"epoch/{METRIC}"))
-        metrics = run.data.metrics
-        rows.append({"epochs": epochs, METRIC: metrics.get(METRIC), RETAINED: metrics.get(RETAINED),
-                     "work": metrics.get("train_seconds", 0) + metrics.get("evaluation_seconds", 0),
-                     "pruned": run.data.tags.get("pruned") == "true"})  # fmt: skip
+        metrics, pruned = run.data.metrics, run.data.tags.get("pruned") == "true"
+        if pruned:  # a pruned run logs no timings: all of it counts as work (overhead underestimated)
+            work = (run.info.end_time - run.info.start_time) / 1000
+        else:
+            work = metrics["train_seconds"] + metrics["evaluation_seconds"]
+        rows.append(
+            {
+                "epochs": epochs,
+                METRIC: metrics.get(METRIC),
+                RETAINED: metrics.get(RETAINED),
+                "work": work,
+                "pruned": pruned,
+            }
+        )
     overhead = None
     if parents:
         wall = (parents[0].info.end_time - parents[0].info.start_time) / 1000
-        overhead = (wall - sum(row["work"] for row in rows)) / len(rows)
+        gaps = sorted(
+            (b.info.start_time - a.info.end_time) / 1000 for a, b in zip(children, children[1:], strict=False)
+        )
+        overhead = {
+            "per_trial": (wall - sum(row["work"] for row in rows)) / len(rows),
+            "median_gap_between_trials": gaps[len(gaps) // 2] if gaps else float("nan"),
+        }
     return rows, overhead
 
 
@@ -151,8 +168,11 @@ def print_table(report: dict, budget: int, grid_size: int, epochs: int) -> None:
         overhead = result["overhead_per_trial"]
         if overhead is not None:
             work = sum(r["work"] for r in result["rows"]) / len(result["rows"])
+            per_trial, gap = overhead["per_trial"], overhead["median_gap_between_trials"]
             print(
-                f"sweeper overhead per trial, {name}: {overhead:.2f} s ({overhead / (work + overhead):.1%})"
+                f"sweeper overhead, {name}: {per_trial:.2f} s per trial with the study's set-up and plots "
+                f"({per_trial / (work + per_trial):.1%} of a {work + per_trial:.0f} s trial), "
+                f"{gap:.2f} s between trials"
             )
 
 
