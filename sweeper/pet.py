@@ -157,10 +157,6 @@ def lora_layers(model: torch.nn.Module) -> list[LoRALinear]:
     return [module for module in model.modules() if isinstance(module, LoRALinear)]
 
 
-def lora_module_names(model: torch.nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-
-
 def linear_attribute_names(model: torch.nn.Module) -> set[str]:
     """Attribute names of every nn.Linear: what `lora.target_modules` may name."""
     return {
@@ -412,8 +408,3 @@ def save_checkpoint(result: TrainResult, model: PET, path: Path) -> None:
     # Fine-tuning starts a fresh optimizer: Adam's state would triple the file size.
     trainer.optimizer_state_dict = trainer.best_optimizer_state_dict = trainer.scheduler_state_dict = None
     trainer.save_checkpoint(model, path)
-
-
-def export(model: PET, path: Path) -> None:
-    model.eval()
-    model.export().save(str(path))
