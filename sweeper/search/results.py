@@ -15,8 +15,13 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper.search import plots
 
 
+def constraints(trial: FrozenTrial) -> list[float]:
+    """Optuna's `constraints_func`: feasible when <= 0; a trial without one is not."""
+    return list(trial.user_attrs.get("constraints", [1.0]))
+
+
 def feasible(trial: FrozenTrial) -> bool:
-    return all(c <= 0 for c in trial.user_attrs.get("constraints", [1.0]))
+    return all(c <= 0 for c in constraints(trial))
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:

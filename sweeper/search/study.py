@@ -23,7 +23,7 @@ from hydra.utils import get_method
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from tqdm import tqdm
 
 from sweeper import tracking
@@ -32,11 +32,6 @@ from sweeper.search import grammar, results
 log = logging.getLogger(__name__)
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
-
-
-def constraints(trial: FrozenTrial) -> list[float]:
-    """Optuna's `constraints_func`: feasible when <= 0; a trial without one is not."""
-    return list(trial.user_attrs.get("constraints", [1.0]))
 
 
 class StudySweeper:
@@ -97,7 +92,7 @@ class StudySweeper:
 
         status = "FAILED"
         try:
-            self._run_trials(study, space, fixed, n_trials, storage, parent)
+            self._run_trials(client, study, space, fixed, n_trials, storage, parent)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -110,6 +105,7 @@ class StudySweeper:
 
     def _run_trials(
         self,
+        client: MlflowClient,
         study: optuna.Study,
         space: dict[str, BaseDistribution],
         fixed: dict[str, str],
@@ -132,7 +128,7 @@ class StudySweeper:
                         outcome = {"state": "fail"}
                         failures += 1
                     state = self._tell(study, trial, outcome)
-                    _tag_child_run(study, trial.number, state)
+                    _tag_child_run(client, study, trial.number, state)
                     bar.update(int(state in DONE))
                     bar.set_postfix_str(_best_so_far(study))
                 if failures > self.max_failure_rate * job:
@@ -196,7 +192,7 @@ class StudySweeper:
             return factory(search_space={key: _grid_values(key, d) for key, d in space.items()})
         accepts = inspect.signature(factory.func).parameters
         if constrained and "constraints_func" in accepts:
-            return factory(constraints_func=constraints)
+            return factory(constraints_func=results.constraints)
         return factory()
 
     def _parent_run(
@@ -234,13 +230,12 @@ class StudySweeper:
         return run.info.run_id
 
 
-def _tag_child_run(study: optuna.Study, number: int, state: TrialState) -> None:
+def _tag_child_run(client: MlflowClient, study: optuna.Study, number: int, state: TrialState) -> None:
     """The final state on the trial's MLflow run: complete, pruned or fail; feasibility."""
-    trial = study.trials[number]
+    trial = study.get_trials(deepcopy=False)[number]  # trial numbers are positions
     run_id = trial.user_attrs.get("run_id")
     if run_id is None:
         return  # failed before its run started (bad input): there is nothing to tag
-    client = MlflowClient()
     client.set_tag(run_id, "optuna_state", state.name.lower())
     if state == TrialState.COMPLETE:
         client.set_tag(run_id, "feasible", str(results.feasible(trial)).lower())
