@@ -16,7 +16,7 @@ from ase.io import iread
 
 from sweeper import embedded, pet
 from sweeper.config import ConfigError
-from sweeper.embedded import file_sha256
+from sweeper.embedded import file_identity, file_sha256
 
 
 @dataclass
@@ -39,17 +39,11 @@ def labels_of(cfg: Any) -> pet.Labels:
     )
 
 
-def _identity(path: str) -> tuple[str, int, int]:
-    """What a cached read depends on: the file's path, modification time and size."""
-    stat = Path(path).stat()
-    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
-
-
 def scan(path: str, key: str, labels: pet.Labels) -> set[int]:
     """Check a structure file has the configured labels; return its atomic numbers."""
     if not Path(path).is_file():
         raise ConfigError(f"{key}: file not found: {path}")
-    return set(_scan(_identity(path), key, labels))
+    return set(_scan(file_identity(path), key, labels))
 
 
 @functools.lru_cache(maxsize=16)  # a sweep's trials read the same files: once per process
@@ -88,7 +82,7 @@ def _read(identity: tuple[str, int, int], labels: pet.Labels) -> tuple[pet.Datas
 
 def read(path: str, labels: pet.Labels) -> tuple[pet.Dataset, dict]:
     """metatrain's reading of a file, once per process (datasets are never modified)."""
-    return _read(_identity(path), labels)
+    return _read(file_identity(path), labels)
 
 
 def _labels_of(atoms: Any) -> tuple[dict, dict]:

@@ -9,6 +9,7 @@ extended XYZ (open them with `ase gui`) into a cache folder and re-used.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -130,9 +131,21 @@ def ensure_used(paths: list[str | None]) -> None:
         ensure_datasets()
 
 
+def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
+    """What a file's content is taken to depend on: its resolved path, mtime and size."""
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
+
+
 def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256, computed once per process for an unchanged file."""
+    return _sha256(file_identity(path))
+
+
+@functools.lru_cache(maxsize=64)  # a sweep's trials hash the same data and checkpoint
+def _sha256(identity: tuple[str, int, int]) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(identity[0], "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

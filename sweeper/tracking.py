@@ -8,6 +8,7 @@ call per epoch (about 50x faster than a call per value).
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 import time
 import traceback
@@ -135,6 +136,7 @@ def _record_error(trial: TrialRun, error: BaseException) -> None:
         trial.log_text(traceback.format_exc(), "error.txt")
 
 
+@functools.lru_cache(maxsize=4)  # once per process, not once per trial
 def git_commit(path: Path) -> str | None:
     """The commit of the checkout holding `path`, when there is one."""
     try:
