@@ -118,7 +118,7 @@ def run_mtt(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dic
     keys, units, last = rows[0], rows[1], rows[-1]
     curve = [dict(zip(keys, row, strict=True)).get("validation forces MAE") for row in rows[2:]]
     named = {
-        pet._metric_name(key, unit): float(value) for key, unit, value in zip(keys, units, last, strict=True)
+        pet.metric_name(key, unit): float(value) for key, unit, value in zip(keys, units, last, strict=True)
     }
     return {
         "wall_seconds": wall,

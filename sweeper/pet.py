@@ -221,12 +221,12 @@ class EpochHandler(logging.Handler):
         pass
 
     def emit_data(self, keys: list[str], values: list[str], units: list[str]) -> None:
-        row = {_metric_name(k, u): float(v) for k, v, u in zip(keys, values, units, strict=True)}
+        row = {metric_name(k, u): float(v) for k, v, u in zip(keys, values, units, strict=True)}
         epoch = int(row.pop("epoch"))
         self.callback(epoch, row)
 
 
-def _metric_name(key: str, unit: str) -> str:
+def metric_name(key: str, unit: str) -> str:
     """`validation energy RMSE (per atom)`, `meV` -> `val_energy_rmse_meV_per_atom`."""
     short = {"training": "train", "validation": "val", "forces": "force"}
     words = [short.get(word, word) for word in key.replace("(per atom)", "").lower().split()]

@@ -49,7 +49,7 @@ def test_no_patience_never_stops() -> None:
     ],
 )
 def test_metatrain_keys_become_metric_names_with_units(key: str, unit: str, name: str) -> None:
-    assert pet._metric_name(key, unit) == name
+    assert pet.metric_name(key, unit) == name
 
 
 def test_hypers_carry_our_training_keys() -> None:

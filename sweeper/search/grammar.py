@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
+from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import (
     BaseDistribution,
@@ -63,7 +63,6 @@ def distribution(override: Override) -> BaseDistribution:
         if isinstance(start, int) and isinstance(end, int):
             return _checked(key, IntDistribution, start, end, log=log)
         return _checked(key, FloatDistribution, float(start), float(end), log=log)
-    assert isinstance(value, ChoiceSweep | RangeSweep | IntervalSweep)
     raise SearchSpaceError(f"{key}: {override.input_line} is not a sweep Optuna can search")
 
 
