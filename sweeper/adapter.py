@@ -7,6 +7,7 @@ and everything needed to rebuild the adapted model from the base checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,14 @@ def save(
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return config
+
+
+def digest(folder: Path) -> str:
+    """sha256 over both files (config, then weights): what registry tags pin down."""
+    sha = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        sha.update(name.encode() + b"\0" + (Path(folder) / name).read_bytes())
+    return sha.hexdigest()
 
 
 def read_config(folder: Path) -> dict[str, Any]:

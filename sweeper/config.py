@@ -138,6 +138,12 @@ class TrackingConfig:
 
 
 @dataclass
+class RegistryConfig:
+    enabled: bool = True  # register every finished, feasible trial's adapter as a model version
+    model_name: str | None = None  # null: `<base checkpoint file stem>-lora`, e.g. base_pet_cu-lora
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,6 +151,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0

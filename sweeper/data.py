@@ -157,3 +157,21 @@ def _subsample(dataset: pet.Dataset, limit: int | None, seed: int) -> pet.Datase
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return torch.utils.data.Subset(dataset, sorted(order[:limit].tolist()))
+
+
+def validation_set(cfg: Any) -> tuple[pet.Dataset, str, str]:
+    """The fine-tuning validation set a trial evaluated on, from its config.
+
+    Returns (dataset, the role of the file it comes from, that file's sha256): a
+    validation file, or the training file when validation was split off it.
+    """
+    finetune = cfg.data.finetune
+    labels = labels_of(finetune)
+    role = "validation" if finetune.validation is not None else "train"
+    path = finetune[role]
+    embedded.ensure_used([path])  # the embedded files are remade, bit for bit, where missing
+    scan(path, f"data.finetune.{role}", labels)
+    dataset, _ = read(path, labels)
+    if role == "train":
+        dataset = _split(dataset, finetune.validation_fraction, cfg.seed)[1]
+    return dataset, role, file_sha256(path)

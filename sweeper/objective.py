@@ -15,12 +15,20 @@ def _metric(metrics: dict[str, float], name: str, key: str) -> float:
 
 def constraint(cfg: Any, metrics: dict[str, float]) -> float:
     """<= 0 when the retained error is within (1 + tolerance) x the base model's."""
-    name, bound = cfg.objective.retained_metric, 1 + cfg.objective.retained_tolerance
-    retained = _metric(metrics, name, "objective.retained_metric")
+    return retained_excess(metrics, cfg.objective.retained_metric, cfg.objective.retained_tolerance)
+
+
+def retained_excess(
+    metrics: dict[str, float], name: str, tolerance: float, key: str = "objective.retained_metric"
+) -> float:
+    """How far `name` lies above (1 + tolerance) x the base's error; <= 0 is within tolerance.
+
+    A `*_ratio` metric is already relative to the base; `retained_X` is compared with `base_X`.
+    """
+    retained, bound = _metric(metrics, name, key), 1 + tolerance
     if name.endswith("_ratio"):
         return retained - bound
-    base = _metric(metrics, name.replace("retained_", "base_", 1), "objective.retained_metric")
-    return retained - bound * base
+    return retained - bound * _metric(metrics, name.replace("retained_", "base_", 1), key)
 
 
 def outcome(cfg: Any, metrics: dict[str, float], run_id: str) -> dict[str, Any]:

@@ -25,6 +25,9 @@ def summary(cfg: Any, result: TrialResult) -> str:
         "             browse: mlflow ui  (in this folder for the default sqlite:///mlflow.db)",
         f"adapter      {result.adapter_dir}  (logged at {result.artifact_uri}/adapter)",
     ]
+    if result.registered is not None:
+        name, version = result.registered.rsplit("/", 1)
+        lines.append(f"registered   models:/{name}/{version}  (promote the best: python -m sweeper.promote)")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from sweeper import adapter, config, data, devices, evaluate, pet, tracking, train
+from sweeper import adapter, config, data, devices, evaluate, objective, pet, registry, tracking, train
 from sweeper.config import ConfigError, Method
 from sweeper.embedded import file_sha256
 
@@ -35,6 +35,7 @@ class TrialResult:
     adapter_dir: Path
     best_epoch: int
     epochs_run: int
+    registered: str | None = None  # `name/version` in the model registry
 
 
 def run(
@@ -133,6 +134,7 @@ def run(
         trial.log_artifacts(adapter_dir, "adapter")
         trial.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         trial.set_tags({"stopped_early": str(result.last_epoch + 1 < cfg.train.epochs).lower()})
+        registered = _register(cfg, trial, metrics, adapter_dir, base_sha, experiment_id)
         return TrialResult(
             metrics=metrics,
             run_id=trial.run_id,
@@ -140,7 +142,39 @@ def run(
             adapter_dir=adapter_dir,
             best_epoch=result.best_epoch,
             epochs_run=result.last_epoch + 1,
+            registered=registered,
         )
+
+
+def _register(
+    cfg: Any, trial: tracking.TrialRun, metrics: dict, adapter_dir: Path, base_sha: str, experiment_id: str
+) -> str | None:
+    """A version in the model registry for a feasible trial; returns `name/version`.
+
+    Runs last, inside the trial's run: a failure here fails the run, and a version only
+    exists once its files are uploaded and its tags written.
+    """
+    if not cfg.registry.enabled:
+        return None
+    try:
+        feasible = objective.constraint(cfg, metrics) <= 0
+    except ConfigError:  # no retained metric (data.original.path=null): feasibility unknown
+        feasible = False
+    if not feasible:
+        trial.set_tags({"registered": "false", "registered_reason": "not feasible (or no retained metric)"})
+        return None
+    name = registry.model_name(cfg)
+    version = registry.register(
+        trial.client,
+        name,
+        experiment_id,
+        trial.run_id,
+        adapter_dir,
+        registry.version_tags(cfg, metrics, trial.run_id, adapter_dir, base_sha),
+        registry.description(cfg, base_sha),
+    )
+    trial.set_tags({"registered": "true", "registered_model": name, "registered_version": version.version})
+    return f"{name}/{version.version}"
 
 
 def run_name(cfg: Any) -> str:

@@ -77,6 +77,12 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
     )
 
 
+def sweep_cli(tiny_data: dict[str, Path], workdir: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """`python -m sweeper -m` on tiny data, 2 epochs per trial."""
+    base = [a for a in tiny_overrides(tiny_data, workdir) if not a.startswith("train.epochs")]
+    return run_cli(["-m", *base, "train.epochs=2", "data.original.max_structures=4", *arguments], cwd=workdir)
+
+
 def runs(workdir: Path, experiment: str = "pet-lora") -> list:
     """All MLflow runs of the experiment in `workdir/mlflow.db` (empty if none)."""
     if not (workdir / "mlflow.db").exists():

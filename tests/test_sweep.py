@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import run_cli, runs, tiny_overrides
+from conftest import runs, sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -62,9 +62,7 @@ def test_search_space_mistakes_are_errors(override) -> None:
         grammar.parse([override])
 
 
-def _sweep(tiny_data, workdir: Path, *arguments: str):
-    base = [a for a in tiny_overrides(tiny_data, workdir) if not a.startswith("train.epochs")]
-    return run_cli(["-m", *base, "train.epochs=2", "data.original.max_structures=4", *arguments], cwd=workdir)
+_sweep = sweep_cli
 
 
 def _study(workdir: Path, name: str = "pet-lora") -> optuna.Study:
@@ -100,6 +98,11 @@ def test_rank_sweep_stays_in_its_choices_and_hangs_under_one_parent(rank_sweep) 
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/plots.html", "plots/optimization_history.png", "plots/intermediate_values.png"} <= plots
     assert "3 trials" in parent.data.tags["mlflow.note.content"]
+    # Exactly the feasible trials are registered, each as one version of one model.
+    study = _study(workdir)
+    feasible = {t.user_attrs["run_id"] for t in study.trials if t.user_attrs["constraints"][0] <= 0}
+    versions = client.search_model_versions()
+    assert {v.run_id for v in versions} == feasible and len(versions) == len(feasible)
 
 
 def test_results_file_names_the_best_feasible_trial(rank_sweep) -> None:
@@ -142,6 +145,11 @@ def test_infeasible_trials_are_kept_and_marked(tiny_data, tmp_path) -> None:
         for t, r in zip(study.trials, ratios, strict=True)
     )
     assert "infeasible" in done.stdout or all(r <= 1 for r in ratios)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_model_versions() == []  # infeasible trials are not registered
+    assert all(
+        r.data.tags.get("registered") == "false" for r in runs(tmp_path) if "trial_number" in r.data.tags
+    )
 
 
 def test_pareto_mode_writes_solutions(tiny_data, tmp_path) -> None:
@@ -183,6 +191,7 @@ def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path) -> 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert "adapter" not in {a.path for a in client.list_artifacts(pruned.info.run_id)}
     assert "val_force_mae_meV_per_A" not in pruned.data.metrics  # no final evaluation
+    assert pruned.info.run_id not in {v.run_id for v in client.search_model_versions()}
     assert pruned.data.metrics["epoch/val_force_mae_meV_per_A"] > 10 * max(t.value for t in study.trials[:2])
 
 

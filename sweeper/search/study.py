@@ -189,7 +189,8 @@ class StudySweeper:
         if not isinstance(factory, functools.partial):
             return factory  # already an instance (a user's own config without _partial_)
         if self._is_grid():
-            return factory(search_space={key: _grid_values(key, d) for key, d in space.items()})
+            grid = {key: _grid_values(key, d) for key, d in space.items()}
+            return _Grid(*factory.args, **{**factory.keywords, "search_space": grid})
         accepts = inspect.signature(factory.func).parameters
         if constrained and "constraints_func" in accepts:
             return factory(constraints_func=results.constraints)
@@ -228,6 +229,14 @@ class StudySweeper:
             client.log_param(run.info.run_id, key, str(value)[:6000])
         study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
         return run.info.run_id
+
+
+class _Grid(optuna.samplers.GridSampler):
+    """GridSampler without its `study.stop()` when the grid is done: that raises outside
+    `study.optimize()`, and our loop already stops at the grid's size."""
+
+    def after_trial(self, study: Any, trial: Any, state: TrialState, values: Any) -> None:
+        pass
 
 
 def _tag_child_run(client: MlflowClient, study: optuna.Study, number: int, state: TrialState) -> None:
