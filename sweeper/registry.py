@@ -32,7 +32,10 @@ def model_name(cfg: Any) -> str:
 
 def version_tags(cfg: Any, metrics: dict[str, float], run_id: str, adapter_dir: Path, base_sha: str) -> dict:
     """Everything a version must say about itself; floats in full precision (repr)."""
-    tags = {
+    tags = {}
+    if cfg.sweep.study_name is not None:
+        tags |= {"study_name": cfg.sweep.study_name, "trial_number": str(cfg.sweep.trial_number)}
+    tags |= {
         "run_id": run_id,
         "objective_metric": cfg.objective.metric,
         "retained_metric": cfg.objective.retained_metric,
@@ -46,8 +49,6 @@ def version_tags(cfg: Any, metrics: dict[str, float], run_id: str, adapter_dir: 
         "lora.init": str(getattr(cfg.lora.init, "value", cfg.lora.init)),
         "train.lr": repr(float(cfg.train.lr)),
     }
-    if cfg.sweep.study_name is not None:
-        tags |= {"study_name": cfg.sweep.study_name, "trial_number": str(cfg.sweep.trial_number)}
     tags |= {name: repr(float(value)) for name, value in metrics.items() if name.startswith(TAGGED_METRICS)}
     return tags
 

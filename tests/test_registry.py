@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 from ase.io import read
-from conftest import sweep_cli
+from conftest import chromium, needs_chromium, serve_mlflow, sweep_cli
 from mlflow.tracking import MlflowClient
+from selenium.webdriver.support.ui import WebDriverWait
 
 from sweeper import adapter, models, pet
 
@@ -36,8 +37,8 @@ def swept(tiny_data, tmp_path_factory) -> Path:
     """Three distinct, feasible trials (a grid over the learning rate)."""
     workdir = tmp_path_factory.mktemp("registry")
     done = sweep_cli(
-        tiny_data, workdir, "hydra/sweeper/sampler=grid", "lora.rank=2", "lora.alpha=16", "train.lr=1e-4,1e-3,5e-3",
-        "objective.retained_tolerance=100",
+        tiny_data, workdir, "hydra/sweeper/sampler=grid", "lora.rank=2", "lora.alpha=16",
+        "train.lr=1e-4,1e-3,5e-3", "objective.retained_tolerance=100",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir
@@ -203,3 +204,25 @@ def test_exported_champion_through_ase_matches_in_process_predictions(
     np.testing.assert_allclose(np.concatenate(forces), expected_f, rtol=0, atol=1e-5)
     labels = np.array([float(p[1][0]) for p in predictions])
     assert not np.allclose(energies, labels, atol=1e-3)  # a model's numbers, not the reference labels
+
+
+@needs_chromium
+def test_mlflow_ui_shows_the_versions_their_tags_and_aliases(swept, client, tmp_path) -> None:
+    if "champion" not in aliases(client):
+        assert promote(swept).returncode == 0
+    champion = aliases(client)["champion"]
+    with serve_mlflow(swept) as url:
+        browser = chromium(tmp_path)
+        try:
+            browser.get(f"{url}/#/models/{NAME}")
+            body = lambda: browser.find_element("tag name", "body").text  # noqa: E731
+            WebDriverWait(browser, 60).until(lambda _: all(f"Version {n}" in body() for n in (1, 2, 3)))
+            assert "champion" in body()
+            shot = Path(os.environ.get("SCREENSHOT_DIR", tmp_path)) / "mlflow_registry.png"
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(shot))
+            browser.get(f"{url}/#/models/{NAME}/versions/{champion}")
+            WebDriverWait(browser, 60).until(lambda _: "adapter_sha256" in body())
+            assert "promoted_at" in body() and "champion" in body()
+        finally:
+            browser.quit()

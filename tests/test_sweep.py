@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from conftest import runs, sweep_cli
+from conftest import chromium, needs_chromium, runs, serve_mlflow, sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from selenium.webdriver.support.ui import WebDriverWait
 
 from sweeper.search import grammar
 from sweeper.search.grammar import SearchSpaceError
@@ -215,57 +209,17 @@ def test_custom_search_space_adds_parameters(tiny_data, tmp_path, monkeypatch) -
     assert float(child.data.params["train.weight_decay"]) == pytest.approx(trial.params["train.weight_decay"])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(rank_sweep):
     """A real `mlflow server` on loopback over the finished sweep's store."""
     workdir, _ = rank_sweep
-    port = _free_port()
-    store = f"sqlite:///{workdir / 'mlflow.db'}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start in 60 s")
+    with serve_mlflow(workdir) as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver"
-)
+@needs_chromium
 def test_mlflow_ui_lists_the_study_and_its_trials(mlflow_server, rank_sweep, tmp_path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1600,1000", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    browser = chromium(tmp_path)
     try:
         browser.get(f"{mlflow_server}/#/experiments/1/runs")
         WebDriverWait(browser, 60).until(
