@@ -22,28 +22,24 @@ CONF = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (edit
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    import optuna  # heavy imports (torch, metatrain) wait until a trial runs: --help stays fast
-
-    from sweeper import objective, report, trial
+    # Heavy imports (torch, metatrain) wait until a trial runs: --help stays fast.
+    from sweeper import report, trial
 
     runtime = HydraConfig.get()
     output_dir = Path(runtime.runtime.output_dir)
-    hooks: dict[str, Any] = {}
-    if cfg.sweep.study_name is not None:
-        from sweeper.search.pruning import Reporter, configured_pruner
-
-        reporter = Reporter(cfg, configured_pruner())
-        hooks = {"on_epoch": reporter, "on_start": reporter.started}
+    log_file = output_dir / f"{runtime.job.name}.log"
     try:
-        result = trial.run(cfg, output_dir, log_file=output_dir / f"{runtime.job.name}.log", **hooks)
+        if cfg.sweep.study_name is not None:  # a trial of a study: report epochs, may be pruned
+            from sweeper.search import job
+            from sweeper.search.pruning import configured_pruner
+
+            return job.run(cfg, output_dir, log_file, configured_pruner())
+        result = trial.run(cfg, output_dir, log_file=log_file)
     except config.ConfigError as error:  # bad input: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except optuna.TrialPruned as pruned:
-        print(f"trial pruned: {pruned}")
-        return {"state": "pruned"}
     print(report.summary(cfg, result))
-    return objective.outcome(cfg, result.metrics, result.run_id)
+    return {"state": "complete", "run_id": result.run_id, "metrics": result.metrics}
 
 
 if __name__ == "__main__":

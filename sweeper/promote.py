@@ -19,7 +19,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ def _move(
         client.set_registered_model_alias(name, PREVIOUS, current.version)
     client.set_registered_model_alias(name, CHAMPION, winner.version)
     record = {
-        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "promotion_policy": how,
         "promoted_from_version": str(current.version) if current is not None else "none",
     }

@@ -108,9 +108,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_mlflow(workdir: Path, *options: str) -> Iterator[str]:
-    """A real `mlflow server` on loopback over `workdir/mlflow.db`; yields its URL."""
-    port, store = free_port(), f"sqlite:///{workdir / 'mlflow.db'}"
+def serve_mlflow(workdir: Path, *options: str, store: str | None = None) -> Iterator[str]:
+    """A real `mlflow server` on loopback over `store` (default `workdir/mlflow.db`); yields its URL."""
+    port, store = free_port(), store or f"sqlite:///{workdir / 'mlflow.db'}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *options],
@@ -150,3 +150,21 @@ def chromium(tmp_path: Path):
                  "--window-size=1600,1000", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL (127.0.0.1:5432, trust auth); yields its URL."""
+    import uuid
+
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()

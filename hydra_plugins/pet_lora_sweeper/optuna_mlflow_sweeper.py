@@ -30,7 +30,10 @@ class OptunaMlflowSweeperConf:
     storage: str | None = None  # default: sqlite:///<study_name>.db beside mlflow.db
     study_name: str = "pet-lora"
     n_trials: int = 8  # the study's total budget: a re-run resumes up to it
-    n_jobs: int = 1
+    n_jobs: int = 1  # > 1: that many asynchronous worker processes (cores split between them)
+    workers_per_gpu: int | None = None  # set: this many workers on each visible GPU
+    max_retries: int = 2  # re-runs of a trial whose worker died (SIGKILL, lost machine)
+    heartbeat_interval: int = 30  # seconds; a running trial silent for 3x this is failed
     max_failure_rate: float = 0.0
     params: dict[str, str] | None = None
     custom_search_space: str | None = None  # "module.function(cfg, trial)"

@@ -13,6 +13,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import socket
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +28,19 @@ from hydra.utils import get_method
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
-from optuna.trial import TrialState
+from optuna.storages._heartbeat import is_heartbeat_enabled  # not re-exported by optuna.storages
+from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from sweeper import tracking
-from sweeper.search import grammar, results
+from sweeper.search import grammar, results, workers
 
 log = logging.getLogger(__name__)
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+WORKER_ATTR = "worker"  # host:pid of the controller running the trial (it keeps its heartbeat)
+RETRIES_ATTR = "retries"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 class StudySweeper:
@@ -47,6 +56,9 @@ class StudySweeper:
         max_failure_rate: float,
         params: dict[str, str] | None,
         custom_search_space: str | None,
+        workers_per_gpu: int | None = None,
+        max_retries: int = 2,
+        heartbeat_interval: int = 30,
     ) -> None:
         self.sampler_factory = sampler
         self.pruner = pruner if pruner is not None else optuna.pruners.NopPruner()
@@ -59,6 +71,11 @@ class StudySweeper:
         self.params = dict(params or {})
         # "module.function": called as function(cfg, trial) to suggest more parameters.
         self.extend_space = get_method(custom_search_space) if custom_search_space else None
+        self.workers_per_gpu = workers_per_gpu
+        self.max_retries = max_retries
+        self.heartbeat_interval = heartbeat_interval
+        self.client: MlflowClient | None = None
+        self.finished = self.failures = 0  # this process's trials, for max_failure_rate
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -78,67 +95,188 @@ class StudySweeper:
         storage = self.storage or f"sqlite:///{Path.cwd() / self.study_name}.db"
         study = optuna.create_study(
             study_name=self.study_name,
-            storage=storage,
+            storage=self._storage(storage),
             sampler=self._sampler(space, constrained=len(directions) == 1),
             pruner=self.pruner,
             directions=directions,
             load_if_exists=True,
         )
         experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
-        client = MlflowClient()
+        client = self.client = MlflowClient()
         parent = self._parent_run(client, study, experiment_id, storage, space, fixed)
-        _requeue_interrupted(study)
+        self._requeue_interrupted(study)
         log.info("study %s (%s): %d of %d trials done", self.study_name, storage, _done(study), n_trials)
 
         status = "FAILED"
+        heartbeat = Heartbeat(study, self.heartbeat_interval)
         try:
-            self._run_trials(client, study, space, fixed, n_trials, storage, parent)
+            with tqdm(
+                total=n_trials, initial=_done(study), desc=f"study {self.study_name}", unit="trial"
+            ) as bar:
+                run = self._run_pool if self._asynchronous() else self._run_batches
+                run(study, space, fixed, n_trials, storage, parent, bar, heartbeat)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
+            heartbeat.stop()
             summary = results.write(study, self.sweep_dir, cfg)
             results.log_to_parent(client, parent, study, summary, self.sweep_dir, cfg)
             client.set_terminated(parent, status)
         print(results.table(study, cfg, fixed, storage))
 
-    def _run_trials(
+    def _run_batches(
         self,
-        client: MlflowClient,
         study: optuna.Study,
         space: dict[str, BaseDistribution],
         fixed: dict[str, str],
         n_trials: int,
         storage: str,
         parent: str,
+        bar: tqdm,
+        heartbeat: Heartbeat,
     ) -> None:
-        job = failures = 0
-        with tqdm(total=n_trials, initial=_done(study), desc=f"study {self.study_name}", unit="trial") as bar:
-            while (left := n_trials - _done(study)) > 0:
-                trials = [self._ask(study, space) for _ in range(min(self.n_jobs, left))]
-                batch = [self._overrides(trial, fixed, storage, parent) for trial in trials]
-                returns = self.launcher.launch(batch, initial_job_idx=job)
-                job += len(returns)
-                for trial, ret in zip(trials, returns, strict=True):
-                    try:
-                        outcome = ret.return_value  # raises the trial's exception
-                    except Exception as error:  # a failed trial: recorded, the study goes on
-                        log.warning("trial %d failed: %s", trial.number, error)
-                        outcome = {"state": "fail"}
-                        failures += 1
-                    state = self._tell(study, trial, outcome)
-                    _tag_child_run(client, study, trial.number, state)
-                    bar.update(int(state in DONE))
-                    bar.set_postfix_str(_best_so_far(study))
-                if failures > self.max_failure_rate * job:
-                    raise RuntimeError(
-                        f"{failures} of {job} trials failed "
-                        f"(hydra.sweeper.max_failure_rate={self.max_failure_rate})"
-                    )
+        """Batches of `n_jobs` through Hydra's launcher (in-process, or submitit's jobs)."""
+        job = 0
+        while _done(study) < n_trials:
+            _fail_stale(study)
+            if (left := n_trials - _committed(study)) <= 0:  # the rest runs on other machines
+                time.sleep(min(5, self.heartbeat_interval))
+                continue
+            trials = [self._ask(study, space, heartbeat) for _ in range(min(self.n_jobs, left))]
+            batch = [self._overrides(trial, fixed, storage, parent) for trial in trials]
+            returns = self.launcher.launch(batch, initial_job_idx=job)
+            job += len(returns)
+            for trial, ret in zip(trials, returns, strict=True):
+                try:
+                    outcome = ret.return_value  # raises the trial's exception
+                except Exception as error:  # a failed trial: recorded, the study goes on
+                    outcome = {"state": "fail", "error": f"{type(error).__name__}: {error}"}
+                heartbeat.discard(trial._trial_id)
+                self._finish(study, trial, outcome, bar)
 
-    def _ask(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial:
+    def _run_pool(
+        self,
+        study: optuna.Study,
+        space: dict[str, BaseDistribution],
+        fixed: dict[str, str],
+        n_trials: int,
+        storage: str,
+        parent: str,
+        bar: tqdm,
+        heartbeat: Heartbeat,
+    ) -> None:
+        """Asynchronous workers: a free worker takes the next trial at once, no batch barrier."""
+        gpus = workers.visible_gpus(str(fixed.get("device", self.config.device)))
+        slots = workers.plan(self.n_jobs, self.workers_per_gpu, gpus, workers.usable_cores())
+        log.info(
+            "%d workers: %s",
+            len(slots),
+            ", ".join(f"gpu {s.gpu}" if s.gpu else f"{s.threads} threads" for s in slots),
+        )
+        pool = workers.Pool(slots, self.sweep_dir / "workers", self.pruner, CONF)
+        self.pool = pool  # lets tests and tools see the workers' pids
+        try:
+            while _done(study) < n_trials:
+                _fail_stale(study)
+                for slot in pool.idle():
+                    if _committed(study) >= n_trials:
+                        break
+                    trial = self._ask(study, space, heartbeat)
+                    overrides = self._overrides(trial, fixed, storage, parent)
+                    if "threads" not in fixed:  # the cores are shared between the workers
+                        overrides.append(f"threads={slot.threads}")
+                    pool.submit(slot, workers.Task(trial, overrides, self.sweep_dir / str(trial.number)))
+                if not pool.running():  # the budget is taken by trials running elsewhere
+                    time.sleep(min(5, self.heartbeat_interval))
+                    continue
+                for task, outcome in pool.wait(timeout=1.0):
+                    heartbeat.discard(task.key._trial_id)
+                    if outcome is None:
+                        outcome = {"state": "crash", "error": "its worker process died mid-trial"}
+                    self._finish(study, task.key, outcome, bar)
+        finally:
+            pool.close()
+
+    def _finish(self, study: optuna.Study, trial: optuna.Trial, outcome: dict[str, Any], bar: tqdm) -> None:
+        state = self._tell(study, trial, outcome)
+        self.finished += 1
+        if state == TrialState.FAIL:
+            log.warning("trial %d failed: %s", trial.number, outcome.get("error"))
+            retried = outcome["state"] == "crash" and self._retry(
+                study, study.get_trials(deepcopy=False)[trial.number], outcome["error"]
+            )
+            self.failures += not retried  # a crash that is retried is not the trial's fault
+        _tag_child_run(self.client, study, trial.number, state)
+        bar.update(int(state in DONE))
+        bar.set_postfix_str(_best_so_far(study))
+        if self.failures > self.max_failure_rate * self.finished:
+            raise RuntimeError(
+                f"{self.failures} of {self.finished} trials failed "
+                f"(hydra.sweeper.max_failure_rate={self.max_failure_rate})"
+            )
+
+    def _retry(self, study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+        """A trial whose process died: its MLflow run FAILED, its parameters queued again."""
+        run_id = trial.user_attrs.get("run_id")
+        if run_id is not None and self.client is not None:
+            self.client.set_tag(run_id, "error", reason)
+            self.client.set_terminated(run_id, "FAILED")
+        retries = trial.user_attrs.get(RETRIES_ATTR, 0)
+        if retries < self.max_retries:
+            study.enqueue_trial(
+                trial.params,
+                user_attrs={RETRIES_ATTR: retries + 1, "retry_of": trial.number},
+                skip_if_exists=False,
+            )
+            log.warning(
+                "trial %d (%s): re-queued with its parameters, retry %d", trial.number, reason, retries + 1
+            )
+            return True
+        return False
+
+    def _stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's heartbeat callback: a trial whose controller stopped beating was failed."""
+        self._retry(study, trial, "its controller stopped sending heartbeats")
+
+    def _asynchronous(self) -> bool:
+        many = self.n_jobs > 1 or self.workers_per_gpu is not None
+        return many and type(self.launcher).__name__ == "BasicLauncher"
+
+    def _storage(self, url: str) -> Any:
+        """An RDB storage keeps heartbeats of running trials, so dead workers are noticed."""
+        if not url.startswith(("sqlite", "postgresql", "mysql")):
+            return url
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=self.heartbeat_interval,
+                grace_period=3 * self.heartbeat_interval,
+                heartbeat_stale_trial_callback=self._stale,
+            )
+
+    def _requeue_interrupted(self, study: optuna.Study) -> None:
+        """Trials left RUNNING by a process that kept no heartbeat: fail and re-queue them.
+
+        Trials with a heartbeat may belong to a live controller on another machine: Optuna
+        fails those only once their heartbeat is stale.
+        """
+        beating = _heartbeats(study)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if beating and WORKER_ATTR in trial.user_attrs:
+                continue
+            study.tell(trial.number, state=TrialState.FAIL)
+            self._retry(study, trial, "left running by an earlier process")
+        _fail_stale(study)
+
+    def _ask(
+        self, study: optuna.Study, space: dict[str, BaseDistribution], heartbeat: Heartbeat
+    ) -> optuna.Trial:
         trial = study.ask(space)
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        heartbeat.add(trial._trial_id)
         if self.extend_space is not None:
             self.extend_space(self.config, trial)
         return trial
@@ -148,7 +286,7 @@ class StudySweeper:
         if outcome["state"] == "pruned":
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED
-        if outcome["state"] == "fail":
+        if outcome["state"] in ("fail", "crash"):
             study.tell(trial, state=TrialState.FAIL)
             return TrialState.FAIL
         trial.set_user_attr("constraints", outcome["constraints"])
@@ -261,12 +399,54 @@ def _done(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=DONE))
 
 
-def _requeue_interrupted(study: optuna.Study) -> None:
-    """Trials left RUNNING by a killed controller: fail them and queue their parameters."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, skip_if_exists=False)
-        log.warning("trial %d was left running by an earlier process: failed and re-queued", trial.number)
+def _committed(study: optuna.Study) -> int:
+    """Trials that count against the budget: done, or running here or on another machine."""
+    return len(study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING)))
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """Fail (and, through `_stale`, re-queue) trials whose heartbeat stopped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _heartbeats(study: optuna.Study) -> bool:
+    return is_heartbeat_enabled(study._storage)
+
+
+class Heartbeat:
+    """Records a heartbeat for each trial this controller runs, from a background thread
+    (a trial may run for an hour inside Hydra's launcher without returning)."""
+
+    def __init__(self, study: optuna.Study, interval: int) -> None:
+        self.storage = study._storage
+        self.enabled = _heartbeats(study)
+        self.interval = interval
+        self.trial_ids: set[int] = set()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        if self.enabled:
+            self.thread.start()
+
+    def add(self, trial_id: int) -> None:
+        self.trial_ids.add(trial_id)
+        if self.enabled:
+            self.storage.record_heartbeat(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        self.trial_ids.discard(trial_id)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            for trial_id in list(self.trial_ids):
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as error:  # a database hiccup must not kill the sweep
+                    log.warning("heartbeat of trial id %d failed: %s", trial_id, error)
 
 
 def _grid_values(key: str, distribution: BaseDistribution) -> list[Any]:

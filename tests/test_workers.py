@@ -1,0 +1,137 @@
+"""Parallel workers: 4 asynchronous workers on SQLite and on PostgreSQL + `mlflow server`,
+and a worker SIGKILLed mid-trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+from conftest import postgres_database, serve_mlflow, tiny_overrides
+from mlflow.tracking import MlflowClient
+
+from sweeper.search import workers
+
+
+def sweep_command(tiny_data, workdir: Path, *arguments: str) -> list[str]:
+    base = [a for a in tiny_overrides(tiny_data, workdir) if not a.startswith(("train.epochs", "lora.rank"))]
+    return [sys.executable, "-m", "sweeper", "-m", *base, "data.original.max_structures=4",
+            "hydra/sweeper/pruner=none", "lora.rank=2,4", *arguments]  # fmt: skip
+
+
+def check_nothing_lost_or_duplicated(study: optuna.Study, client: MlflowClient, n_trials: int) -> None:
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == n_trials
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    experiment = client.get_experiment_by_name("pet-lora").experiment_id
+    found = client.search_runs([experiment], max_results=1000)
+    assert not [r for r in found if r.info.status == "RUNNING"]
+    children = [r for r in found if "trial_number" in r.data.tags]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    # One FINISHED run per complete trial, with that trial's parameters: none lost, none twice.
+    assert sorted(int(r.data.tags["trial_number"]) for r in finished) == sorted(t.number for t in complete)
+    by_number = {t.number: t for t in complete}
+    for run in finished:
+        trial = by_number[int(run.data.tags["trial_number"])]
+        assert trial.user_attrs["run_id"] == run.info.run_id
+        assert int(run.data.params["lora.rank"]) == trial.params["lora.rank"]
+        assert run.data.tags["threads"] == run.data.params["threads"]
+
+
+def run_sweep(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_slots_pin_gpus_round_robin_and_split_cores() -> None:
+    slots = workers.plan(4, None, ["0", "1"], cores=16)
+    assert [s.gpu for s in slots] == ["0", "1", "0", "1"] and {s.threads for s in slots} == {4}
+    assert slots[1].environment()["CUDA_VISIBLE_DEVICES"] == "1"
+    packed = workers.plan(1, 3, ["0", "1"], cores=12)  # workers_per_gpu wins over n_jobs
+    assert [s.gpu for s in packed] == ["0", "1", "0", "1", "0", "1"] and packed[0].threads == 2
+    cpu = workers.plan(2, None, [], cores=2)
+    assert [s.gpu for s in cpu] == [None, None] and [s.threads for s in cpu] == [1, 1]
+    assert "CUDA_VISIBLE_DEVICES" not in cpu[0].environment()
+    assert workers.visible_gpus("cpu") == []
+
+
+def test_four_workers_on_sqlite_lose_and_duplicate_nothing(tiny_data, tmp_path) -> None:
+    command = sweep_command(
+        tiny_data, tmp_path, "train.epochs=2", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=4"
+    )
+    done = run_sweep(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_nothing_lost_or_duplicated(study, client, 8)
+    assert "4 workers" in done.stdout + done.stderr
+    assert {t.user_attrs["worker"] for t in study.trials} == {
+        t.user_attrs["worker"] for t in study.trials[:1]
+    }
+
+
+def test_the_same_sweep_on_postgresql_and_an_mlflow_server(tiny_data, tmp_path) -> None:
+    with postgres_database("optuna") as optuna_url, postgres_database("mlflow") as mlflow_store:
+        with serve_mlflow(
+            tmp_path, "--artifacts-destination", str(tmp_path / "artifacts"), store=mlflow_store
+        ) as url:
+            # The same command as on one box, with only the two URLs changed.
+            command = sweep_command(
+                tiny_data, tmp_path, "train.epochs=2", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=4",
+                f"hydra.sweeper.storage={optuna_url}", f"tracking.uri={url}",
+            )  # fmt: skip
+            command = [a for a in command if not a.startswith("tracking.uri=sqlite")]
+            done = run_sweep(command, tmp_path)
+            assert done.returncode == 0, done.stderr[-3000:]
+            study = optuna.load_study(study_name="pet-lora", storage=optuna_url)
+            check_nothing_lost_or_duplicated(study, MlflowClient(tracking_uri=url), 8)
+            assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "pet-lora.db").exists()
+
+
+def test_a_worker_killed_mid_trial_is_retried_and_the_study_completes(tiny_data, tmp_path) -> None:
+    command = sweep_command(
+        tiny_data, tmp_path, "train.epochs=10", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2"
+    )
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    sweep = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    storage = f"sqlite:///{tmp_path / 'pet-lora.db'}"
+    victim = None
+    try:
+        deadline = time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.5)
+            try:
+                running = optuna.load_study(study_name="pet-lora", storage=storage).get_trials(
+                    states=(optuna.trial.TrialState.RUNNING,)
+                )
+            except Exception:  # the study does not exist yet
+                continue
+            training = [t for t in running if "run_id" in t.user_attrs and t.intermediate_values]
+            if len(running) == 2 and len(training) == 2:  # both workers mid-trial
+                spawned = [
+                    p for p in psutil.Process(sweep.pid).children() if "spawn_main" in " ".join(p.cmdline())
+                ]
+                victim = spawned[0]
+                victim.send_signal(signal.SIGKILL)
+        assert victim is not None, "no moment with both workers mid-trial"
+        out, err = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="pet-lora", storage=storage)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_nothing_lost_or_duplicated(study, client, 3)
+    (killed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert retry.state.name == "COMPLETE" and retry.params == killed.params
+    run = client.get_run(killed.user_attrs["run_id"])
+    assert run.info.status == "FAILED" and "died" in run.data.tags["error"]
