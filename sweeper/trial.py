@@ -91,6 +91,8 @@ def run(
             if on_epoch is not None:
                 on_epoch(epoch, row)
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="pet-lora-trial-") as workdir:
             result = train.fine_tune(
@@ -115,6 +117,8 @@ def run(
             "train_seconds": train_seconds,
             "evaluation_seconds": time.perf_counter() - start,
         }
+        if device.type == "cuda":  # training and evaluation: what sizes workers_per_gpu
+            metrics["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
         if clock.seconds_per_epoch() is not None:
             metrics["seconds_per_epoch"] = clock.seconds_per_epoch()
         adapter_dir = output_dir / "adapter"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import psutil
-from conftest import postgres_database, serve_mlflow, tiny_overrides
+from conftest import free_port, postgres_database, serve_mlflow, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from sweeper.search import workers
@@ -135,3 +135,29 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_completes(tiny_data,
     assert retry.state.name == "COMPLETE" and retry.params == killed.params
     run = client.get_run(killed.user_attrs["run_id"])
     assert run.info.status == "FAILED" and "died" in run.data.tags["error"]
+
+
+def test_hydra_submitit_launcher_runs_the_trials(tiny_data, tmp_path) -> None:
+    """`hydra/launcher=submitit_local` here; `submitit_slurm` on a cluster is the same path."""
+    command = sweep_command(
+        tiny_data, tmp_path, "train.epochs=2", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=submitit_local",
+    )  # fmt: skip
+    done = run_sweep(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
+    check_nothing_lost_or_duplicated(
+        study, MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), 2
+    )
+    assert list(tmp_path.glob("multirun/*/*/.submitit/*/*_result.pkl"))  # submitit ran the jobs
+
+
+def test_an_unreachable_tracking_server_stops_the_sweep_before_anything_starts(tiny_data, tmp_path) -> None:
+    command = sweep_command(
+        tiny_data, tmp_path, "hydra.sweeper.n_jobs=2", f"tracking.uri=http://127.0.0.1:{free_port()}"
+    )
+    command = [a for a in command if not a.startswith("tracking.uri=sqlite")]
+    done = run_sweep(command, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: tracking.uri 'http://127.0.0.1:")
+    assert "unreachable" in done.stderr and not (tmp_path / "pet-lora.db").exists()

@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -33,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from sweeper import tracking
+from sweeper.config import ConfigError
 from sweeper.search import grammar, results, workers
 
 log = logging.getLogger(__name__)
@@ -87,12 +89,21 @@ class StudySweeper:
     # ------------------------------------------------------------------ the sweep
 
     def sweep(self, arguments: list[str]) -> None:
+        try:
+            self._sweep(arguments)
+        except (ConfigError, grammar.SearchSpaceError) as error:  # bad input: one line, nothing started
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    def _sweep(self, arguments: list[str]) -> None:
         cfg = self.config
         space, fixed = grammar.parse([f"{key}={value}" for key, value in self.params.items()] + arguments)
         grammar.check_keys([*space, *fixed], cfg)
         directions = self._directions(str(cfg.objective.mode.value))
         n_trials = min(self.n_trials, _grid_size(space)) if self._is_grid() else self.n_trials
         storage = self.storage or f"sqlite:///{Path.cwd() / self.study_name}.db"
+        # The tracking server first: unreachable, the sweep stops before any storage or trial.
+        experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
         study = optuna.create_study(
             study_name=self.study_name,
             storage=self._storage(storage),
@@ -101,7 +112,6 @@ class StudySweeper:
             directions=directions,
             load_if_exists=True,
         )
-        experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
         client = self.client = MlflowClient()
         parent = self._parent_run(client, study, experiment_id, storage, space, fixed)
         self._requeue_interrupted(study)

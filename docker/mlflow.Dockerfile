@@ -1,0 +1,10 @@
+# The MLflow tracking server: PostgreSQL backend store, artifacts on a volume, basic auth.
+# No credential is baked in: the entrypoint writes the auth config from the environment.
+FROM python:3.11-slim
+
+RUN pip install --no-cache-dir "mlflow[auth]==3.17.2" "psycopg2-binary>=2.9" \
+    && useradd --create-home --uid 1000 mlflow
+COPY docker/mlflow-entrypoint.sh /usr/local/bin/mlflow-entrypoint.sh
+USER mlflow
+EXPOSE 5000
+ENTRYPOINT ["/usr/local/bin/mlflow-entrypoint.sh"]
