@@ -50,6 +50,7 @@ def test_no_secret_is_written_into_the_images_or_the_compose_file() -> None:
 def test_docker_compose_config_accepts_the_file(tmp_path) -> None:
     env = tmp_path / ".env"
     env.write_text((DOCKER / ".env.example").read_text())
-    command = ["docker", "compose", "-f", str(DOCKER / "compose.yaml"), "--env-file", str(env), "config", "-q"]
+    compose_file = str(DOCKER / "compose.yaml")
+    command = ["docker", "compose", "-f", compose_file, "--env-file", str(env), "config", "-q"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
