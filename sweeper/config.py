@@ -209,8 +209,16 @@ def check(cfg: Any) -> None:
             raise ConfigError(f"{key} {rule}, got {OmegaConf.select(cfg, key)!r}")
 
 
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]+):[^@/\s]+@")
+
+
+def redact(text: str) -> str:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
 def flatten(cfg: Any) -> dict[str, str]:
-    """The resolved config as `a.b.c -> value` strings, for MLflow params."""
+    """The resolved config as `a.b.c -> value` strings, for MLflow params (URL passwords masked)."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     flat: dict[str, str] = {}
 
@@ -219,7 +227,7 @@ def flatten(cfg: Any) -> dict[str, str]:
             for key, value in node.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
         else:
-            flat[prefix] = str(node)
+            flat[prefix] = redact(str(node))
 
     walk("", container)
     return flat

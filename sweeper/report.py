@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sweeper.config import redact
 from sweeper.trial import TrialResult
 
 
@@ -21,7 +22,7 @@ def summary(cfg: Any, result: TrialResult) -> str:
         if "retained_force_mae_ratio" in m:
             lines.append(f"  retained force MAE: {m['retained_force_mae_ratio']:.2f} x the base model's")
     lines += [
-        f"MLflow run   {result.run_id}  ({cfg.tracking.uri}, experiment {cfg.tracking.experiment!r})",
+        f"MLflow run   {result.run_id}  ({redact(cfg.tracking.uri)}, experiment {cfg.tracking.experiment!r})",
         "             browse: mlflow ui  (in this folder for the default sqlite:///mlflow.db)",
         f"adapter      {result.adapter_dir}  (logged at {result.artifact_uri}/adapter)",
     ]

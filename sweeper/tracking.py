@@ -22,7 +22,7 @@ import optuna
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from sweeper.config import ConfigError
+from sweeper.config import ConfigError, redact
 
 
 class TrialRun:
@@ -65,7 +65,7 @@ def connect(uri: str, experiment: str) -> str:
         found = client.get_experiment_by_name(experiment)
     except Exception as error:  # unreachable server, unwritable database, ...
         raise ConfigError(
-            f"tracking.uri {uri!r}: cannot reach MLflow ({type(error).__name__}: {error})"
+            f"tracking.uri {redact(uri)!r}: cannot reach MLflow ({type(error).__name__}: {error})"
         ) from None
     if found is not None:
         return found.experiment_id
@@ -82,7 +82,7 @@ def _check_reachable(uri: str) -> None:
         return  # it answered (e.g. 401 behind auth): reachable
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise ConfigError(f"tracking.uri {uri!r}: MLflow server unreachable ({reason})") from None
+        raise ConfigError(f"tracking.uri {redact(uri)!r}: MLflow server unreachable ({reason})") from None
 
 
 @contextlib.contextmanager

@@ -86,3 +86,16 @@ def test_cli_prints_composed_config_and_help(tmp_path) -> None:
         assert group in helped.stdout
     assert not (tmp_path / "mlflow.db").exists()
     assert (REPO / "conf" / "config.yaml").is_file()
+
+
+def test_passwords_in_urls_never_reach_mlflow_params() -> None:
+    cfg = compose_config(
+        [
+            "tracking.uri=http://admin:s3cret-pass@mlflow:5000",
+            "sweep.storage=postgresql://u:pw%21x@db:5432/optuna",
+        ]
+    )
+    flat = config.flatten(cfg)
+    assert flat["tracking.uri"] == "http://admin:***@mlflow:5000"
+    assert flat["sweep.storage"] == "postgresql://u:***@db:5432/optuna"
+    assert not any("s3cret" in value or "pw%21x" in value for value in flat.values())

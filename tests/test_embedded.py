@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sweeper import embedded, pet
 
 
@@ -20,6 +22,17 @@ def test_shipped_base_model_was_trained_on_these_data(embedded_paths) -> None:
     assert card["training_data"]["sha256"] == embedded.file_sha256(embedded_paths["original"])
     assert card["checkpoint_sha256"] == embedded.file_sha256(embedded.base_model_path())
     assert card["metatrain_version"].split(".")[:2] == pet.METATRAIN_VERSION.split(".")[:2]
+
+
+def test_shipped_base_model_reproduces_its_recorded_errors(embedded_paths) -> None:
+    """Re-evaluated here, on data generated here: the numbers on the card, within 1e-6."""
+    import torch
+
+    from sweeper import evaluate
+
+    dataset, _ = pet.read_dataset(embedded_paths["original"], pet.Labels())
+    found = evaluate.errors(pet.load_checkpoint(embedded.base_model_path()), dataset, torch.device("cpu"))
+    assert found == pytest.approx(embedded.base_model_card()["errors_on_training_set"], rel=1e-6)
 
 
 def test_base_model_is_meaningful_on_its_own_training_set() -> None:

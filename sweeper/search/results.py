@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper.config import redact
 from sweeper.search import plots
 
 
@@ -111,7 +112,7 @@ def table(study: optuna.Study, cfg: Any, fixed: dict[str, str], storage: str) ->
             f" {_fmt(params.get('train.lr'), 9)} {_fmt(metrics.get(metric), 26)}"
             f" {_fmt(metrics.get(retained), 26)} {state}"
         )
-    rows.append(f"browse: mlflow ui ({cfg.tracking.uri}); study {study.study_name!r} in {storage}")
+    rows.append(f"browse: mlflow ui ({redact(cfg.tracking.uri)}); study {study.study_name!r} in {storage}")
     return "\n".join(rows)
 
 

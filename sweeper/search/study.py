@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from sweeper import tracking
-from sweeper.config import ConfigError
+from sweeper.config import ConfigError, redact
 from sweeper.search import grammar, results, workers
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,10 @@ class StudySweeper:
             load_if_exists=True,
         )
         client = self.client = MlflowClient()
-        parent = self._parent_run(client, study, experiment_id, storage, space, fixed)
+        shown = redact(storage)  # what may be printed or logged: no password
+        parent = self._parent_run(client, study, experiment_id, shown, space, fixed)
         self._requeue_interrupted(study)
-        log.info("study %s (%s): %d of %d trials done", self.study_name, storage, _done(study), n_trials)
+        log.info("study %s (%s): %d of %d trials done", self.study_name, shown, _done(study), n_trials)
 
         status = "FAILED"
         heartbeat = Heartbeat(study, self.heartbeat_interval)
@@ -134,7 +135,7 @@ class StudySweeper:
             summary = results.write(study, self.sweep_dir, cfg)
             results.log_to_parent(client, parent, study, summary, self.sweep_dir, cfg)
             client.set_terminated(parent, status)
-        print(results.table(study, cfg, fixed, storage))
+        print(results.table(study, cfg, fixed, shown))
 
     def _run_batches(
         self,
