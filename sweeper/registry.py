@@ -21,6 +21,9 @@ from mlflow.tracking import MlflowClient
 from sweeper import adapter
 
 CHAMPION, PREVIOUS = "champion", "previous"
+# Not "adapter": MLflow resolves `runs:/<id>/<name>` to a run's logged model of that name,
+# which would shadow the run's own `adapter/` artifact folder.
+LOGGED_MODEL_NAME = "registered-adapter"
 # Metric prefixes copied onto a version: fine-tuning errors, retained and base errors.
 TAGGED_METRICS = ("val_", "test_", "retained_", "base_")
 
@@ -32,7 +35,7 @@ def model_name(cfg: Any) -> str:
 
 def version_tags(cfg: Any, metrics: dict[str, float], run_id: str, adapter_dir: Path, base_sha: str) -> dict:
     """Everything a version must say about itself; floats in full precision (repr)."""
-    tags = {}
+    tags: dict[str, str] = {}
     if cfg.sweep.study_name is not None:
         tags |= {"study_name": cfg.sweep.study_name, "trial_number": str(cfg.sweep.trial_number)}
     tags |= {
@@ -64,7 +67,7 @@ def register(
 ) -> ModelVersion:
     """Log the adapter as a model of the run and register it as a new version of `name`."""
     model = mlflow.initialize_logged_model(
-        name="adapter",
+        name=LOGGED_MODEL_NAME,
         source_run_id=run_id,
         experiment_id=experiment_id,
         tags={"adapter_sha256": tags["adapter_sha256"]},

@@ -6,9 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -45,10 +47,12 @@ def swept(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def client(swept, monkeypatch) -> MlflowClient:
+def client(swept) -> Iterator[MlflowClient]:
     uri = f"sqlite:///{swept / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for the in-process models API
-    return MlflowClient(tracking_uri=uri)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # for the in-process models API, as a user's script would
+    yield MlflowClient(tracking_uri=uri)
+    mlflow.set_tracking_uri(before)
 
 
 def aliases(client: MlflowClient) -> dict[str, str]:

@@ -187,7 +187,6 @@ class StudySweeper:
             ", ".join(f"gpu {s.gpu}" if s.gpu else f"{s.threads} threads" for s in slots),
         )
         pool = workers.Pool(slots, self.sweep_dir / "workers", self.pruner, CONF)
-        self.pool = pool  # lets tests and tools see the workers' pids
         try:
             while _done(study) < n_trials:
                 _fail_stale(study)

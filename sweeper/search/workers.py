@@ -90,6 +90,8 @@ class Pool:
         return list(self.busy.values())
 
     def submit(self, slot: Slot, task: Task) -> None:
+        if not self.workers[slot.index][0].is_alive():  # died while idle: a fresh one
+            self._replace(slot.index)
         self.workers[slot.index][1].send((task.overrides, str(task.output_dir)))
         self.busy[slot.index] = task
 
@@ -114,9 +116,6 @@ class Pool:
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
-
-    def pids(self) -> dict[int, int]:
-        return {index: process.pid for index, (process, _) in self.workers.items()}
 
     def _start(self, slot: Slot) -> None:
         parent, child = CONTEXT.Pipe()
