@@ -8,7 +8,11 @@ On the CPU the cores are split between the workers (2 cores: 1 worker x 2 thread
 against 2 workers x 1 thread). With GPUs, `--workers-per-gpu 1,2,4` compares workers
 sharing each GPU and samples GPU utilisation with nvidia-smi.
 
-    python benchmarks/worker_scaling.py --workers 1,2 --trials 6 --epochs 20
+    python benchmarks/worker_scaling.py --workers 1,2 --trials 6 --epochs 20 --ceiling
+
+`--ceiling` also measures what the machine itself allows, without the sweeper: two
+plain `python -m sweeper` trials one after the other with all threads, against two at
+once with one thread each (both with their imports).
     python benchmarks/worker_scaling.py --workers-per-gpu 1,2,4 --trials 16   # on a GPU box
 """
 
@@ -58,6 +62,28 @@ def sweep(workdir: Path, workers: list[str], args: argparse.Namespace) -> tuple[
     return wall, samples
 
 
+def ceiling(args: argparse.Namespace, cores: int) -> float:
+    """Throughput of two single-thread trials side by side over two sequential full-thread ones."""
+    trial = [sys.executable, "-m", "sweeper", f"train.epochs={args.epochs}",
+             "train.early_stopping_patience=null", f"lora.rank={args.rank}",
+             "registry.enabled=false"]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
+        uri = f"tracking.uri=sqlite:///{tmp}/mlflow.db"
+        quiet = {"cwd": tmp, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        subprocess.run([*trial, uri, f"threads={cores}"], check=True, **quiet)  # warm caches, create the db
+        start = time.perf_counter()
+        for _ in range(2):
+            env = dict(os.environ, OMP_NUM_THREADS=str(cores))
+            subprocess.run([*trial, uri, f"threads={cores}"], check=True, env=env, **quiet)
+        sequential = time.perf_counter() - start
+        start = time.perf_counter()
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        pair = [subprocess.Popen([*trial, uri, "threads=1"], env=env, **quiet) for _ in range(2)]
+        if any(process.wait() != 0 for process in pair):
+            sys.exit("a ceiling trial failed")
+        return sequential / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,6 +93,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--ceiling", action="store_true", help="also measure the machine's own 2-process ratio"
+    )
     args = parser.parse_args()
     if args.workers_per_gpu:
         runs = {
@@ -85,6 +114,10 @@ def main() -> None:
             first = first or rate
             utilisation = f"{statistics.mean(samples):.0f}" if samples else "-"
             print(f"{name:>14}{wall:>9.0f}{rate:>13.1f}{rate / first:>10.2f}x{utilisation:>11}", flush=True)
+    if args.ceiling:
+        cores = os.cpu_count() or 1
+        print(f"machine ceiling: 2 single-thread trials at once vs 2 {cores}-thread trials in turn: "
+              f"{ceiling(args, cores):.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """The study controller behind our Hydra sweeper.
 
-It creates the MLflow experiment, the study's parent run and the Optuna storage once,
-before any trial starts; then asks Optuna for trials, runs each through Hydra's launcher
-(every trial is `python -m sweeper` with the sampled overrides, tracked as a child run),
-and tells Optuna the outcome. Re-running the same command resumes the study: `n_trials`
-is the total budget and finished trials are never repeated; a trial left RUNNING by a
-killed process is failed and re-queued with the same parameters.
+It checks the tracking server, then creates the Optuna storage, the study and its
+MLflow parent run once, before any trial starts; then asks Optuna for trials and tells
+it their outcomes. Trials run through Hydra's launcher in batches of `n_jobs` (one at a
+time in-process by default; submitit's jobs on SLURM), or, with `n_jobs` > 1 on the
+basic launcher, in asynchronous worker processes (workers.py). Every trial is the
+`python -m sweeper` task with the sampled overrides, tracked as a child run.
+
+Re-running the same command resumes the study, and the same command on other machines
+joins it: `n_trials` is the total budget, counting trials running anywhere; finished
+trials are never repeated. A database storage keeps a heartbeat for each running trial:
+a trial whose process died is failed, its run ended FAILED, and its parameters queued
+again (`max_retries`).
 """
 
 from __future__ import annotations
