@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,20 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 WORKER_ATTR = "worker"  # host:pid of the controller running the trial (it keeps its heartbeat)
 RETRIES_ATTR = "retries"
 CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class _Run:
+    """One sweep's moving parts, handed to the trial loops."""
+
+    study: optuna.Study
+    space: dict[str, BaseDistribution]
+    fixed: dict[str, str]
+    n_trials: int
+    storage: str  # the real URL, password included: the trials need it
+    parent: str  # the MLflow parent run's id
+    bar: tqdm
+    heartbeat: Heartbeat
 
 
 class StudySweeper:
@@ -118,6 +133,8 @@ class StudySweeper:
             directions=directions,
             load_if_exists=True,
         )
+        if study.trials:  # resumed
+            study.sampler = self._sampler(space, len(directions) == 1, resumed_at=len(study.trials))
         client = self.client = MlflowClient()
         shown = redact(storage)  # what may be printed or logged: no password
         parent = self._parent_run(client, study, experiment_id, shown, space, fixed)
@@ -130,8 +147,8 @@ class StudySweeper:
             with tqdm(
                 total=n_trials, initial=_done(study), desc=f"study {self.study_name}", unit="trial"
             ) as bar:
-                run = self._run_pool if self._asynchronous() else self._run_batches
-                run(study, space, fixed, n_trials, storage, parent, bar, heartbeat)
+                execute = self._run_pool if self._asynchronous() else self._run_batches
+                execute(_Run(study, space, fixed, n_trials, storage, parent, bar, heartbeat))
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -143,26 +160,16 @@ class StudySweeper:
             client.set_terminated(parent, status)
         print(results.table(study, cfg, fixed, shown))
 
-    def _run_batches(
-        self,
-        study: optuna.Study,
-        space: dict[str, BaseDistribution],
-        fixed: dict[str, str],
-        n_trials: int,
-        storage: str,
-        parent: str,
-        bar: tqdm,
-        heartbeat: Heartbeat,
-    ) -> None:
+    def _run_batches(self, run: _Run) -> None:
         """Batches of `n_jobs` through Hydra's launcher (in-process, or submitit's jobs)."""
         job = 0
-        while _done(study) < n_trials:
-            _fail_stale(study)
-            if (left := n_trials - _committed(study)) <= 0:  # the rest runs on other machines
+        while _done(run.study) < run.n_trials:
+            _fail_stale(run.study)
+            if (left := run.n_trials - _committed(run.study)) <= 0:  # the rest runs on other machines
                 time.sleep(min(5, self.heartbeat_interval))
                 continue
-            trials = [self._ask(study, space, heartbeat) for _ in range(min(self.n_jobs, left))]
-            batch = [self._overrides(trial, fixed, storage, parent) for trial in trials]
+            trials = [self._ask(run) for _ in range(min(self.n_jobs, left))]
+            batch = [self._overrides(run, trial) for trial in trials]
             returns = self.launcher.launch(batch, initial_job_idx=job)
             job += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
@@ -170,22 +177,11 @@ class StudySweeper:
                     outcome = ret.return_value  # raises the trial's exception
                 except Exception as error:  # a failed trial: recorded, the study goes on
                     outcome = {"state": "fail", "error": f"{type(error).__name__}: {error}"}
-                heartbeat.discard(trial._trial_id)
-                self._finish(study, trial, outcome, bar)
+                self._finish(run, trial, outcome)
 
-    def _run_pool(
-        self,
-        study: optuna.Study,
-        space: dict[str, BaseDistribution],
-        fixed: dict[str, str],
-        n_trials: int,
-        storage: str,
-        parent: str,
-        bar: tqdm,
-        heartbeat: Heartbeat,
-    ) -> None:
+    def _run_pool(self, run: _Run) -> None:
         """Asynchronous workers: a free worker takes the next trial at once, no batch barrier."""
-        gpus = workers.visible_gpus(str(fixed.get("device", self.config.device)))
+        gpus = workers.visible_gpus(str(run.fixed.get("device", self.config.device)))
         slots = workers.plan(self.n_jobs, self.workers_per_gpu, gpus, workers.usable_cores())
         log.info(
             "%d workers: %s",
@@ -194,28 +190,29 @@ class StudySweeper:
         )
         pool = workers.Pool(slots, self.sweep_dir / "workers", self.pruner, CONF)
         try:
-            while _done(study) < n_trials:
-                _fail_stale(study)
+            while _done(run.study) < run.n_trials:
+                _fail_stale(run.study)
                 for slot in pool.idle():
-                    if _committed(study) >= n_trials:
+                    if _committed(run.study) >= run.n_trials:
                         break
-                    trial = self._ask(study, space, heartbeat)
-                    overrides = self._overrides(trial, fixed, storage, parent)
-                    if "threads" not in fixed:  # the cores are shared between the workers
+                    trial = self._ask(run)
+                    overrides = self._overrides(run, trial)
+                    if "threads" not in run.fixed:  # the cores are shared between the workers
                         overrides.append(f"threads={slot.threads}")
                     pool.submit(slot, workers.Task(trial, overrides, self.sweep_dir / str(trial.number)))
                 if not pool.running():  # the budget is taken by trials running elsewhere
                     time.sleep(min(5, self.heartbeat_interval))
                     continue
                 for task, outcome in pool.wait(timeout=1.0):
-                    heartbeat.discard(task.key._trial_id)
                     if outcome is None:
                         outcome = {"state": "crash", "error": "its worker process died mid-trial"}
-                    self._finish(study, task.key, outcome, bar)
+                    self._finish(run, task.key, outcome)
         finally:
             pool.close()
 
-    def _finish(self, study: optuna.Study, trial: optuna.Trial, outcome: dict[str, Any], bar: tqdm) -> None:
+    def _finish(self, run: _Run, trial: optuna.Trial, outcome: dict[str, Any]) -> None:
+        run.heartbeat.discard(trial._trial_id)
+        study = run.study
         state = self._tell(study, trial, outcome)
         self.finished += 1
         if state == TrialState.FAIL:
@@ -225,8 +222,8 @@ class StudySweeper:
             )
             self.failures += not retried  # a crash that is retried is not the trial's fault
         _tag_child_run(self.client, study, trial.number, state)
-        bar.update(int(state in DONE))
-        bar.set_postfix_str(_best_so_far(study))
+        run.bar.update(int(state in DONE))
+        run.bar.set_postfix_str(_best_so_far(study))
         if self.failures > self.max_failure_rate * self.finished:
             raise RuntimeError(
                 f"{self.failures} of {self.finished} trials failed "
@@ -287,12 +284,10 @@ class StudySweeper:
             self._retry(study, trial, "left running by an earlier process")
         _fail_stale(study)
 
-    def _ask(
-        self, study: optuna.Study, space: dict[str, BaseDistribution], heartbeat: Heartbeat
-    ) -> optuna.Trial:
-        trial = study.ask(space)
+    def _ask(self, run: _Run) -> optuna.Trial:
+        trial = run.study.ask(run.space)
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-        heartbeat.add(trial._trial_id)
+        run.heartbeat.add(trial._trial_id)
         if self.extend_space is not None:
             self.extend_space(self.config, trial)
         return trial
@@ -310,13 +305,13 @@ class StudySweeper:
         study.tell(trial, values=outcome["values"])
         return TrialState.COMPLETE
 
-    def _overrides(self, trial: optuna.Trial, fixed: dict[str, str], storage: str, parent: str) -> list[str]:
-        return grammar.overrides(trial.params, fixed) + [
+    def _overrides(self, run: _Run, trial: optuna.Trial) -> list[str]:
+        return grammar.overrides(trial.params, run.fixed) + [
             f"sweep.study_name={self.study_name}",
-            f"sweep.storage='{storage}'",
+            f"sweep.storage='{run.storage}'",
             f"sweep.trial_number={trial.number}",
             f"sweep.trial_id={trial._trial_id}",
-            f"sweep.parent_run_id={parent}",
+            f"sweep.parent_run_id={run.parent}",
         ]
 
     # ------------------------------------------------------------------ set-up
@@ -338,17 +333,24 @@ class StudySweeper:
         factory = self.sampler_factory
         return isinstance(factory, functools.partial) and factory.func is optuna.samplers.GridSampler
 
-    def _sampler(self, space: dict[str, BaseDistribution], constrained: bool) -> optuna.samplers.BaseSampler:
+    def _sampler(
+        self, space: dict[str, BaseDistribution], constrained: bool, resumed_at: int = 0
+    ) -> optuna.samplers.BaseSampler:
+        """The configured sampler; a resumed study's is seeded `seed + trials so far`, so it
+        does not replay the random start-up trials of the first run (still deterministic)."""
         factory = self.sampler_factory
         if not isinstance(factory, functools.partial):
             return factory  # already an instance (a user's own config without _partial_)
+        keywords = dict(factory.keywords)
+        if resumed_at and keywords.get("seed") is not None:
+            keywords["seed"] += resumed_at
         if self._is_grid():
             grid = {key: _grid_values(key, d) for key, d in space.items()}
-            return _Grid(*factory.args, **{**factory.keywords, "search_space": grid})
+            return _Grid(*factory.args, **{**keywords, "search_space": grid})
         accepts = inspect.signature(factory.func).parameters
         if constrained and "constraints_func" in accepts:
-            return factory(constraints_func=results.constraints)
-        return factory()
+            keywords["constraints_func"] = results.constraints
+        return factory.func(*factory.args, **keywords)
 
     def _parent_run(
         self,
