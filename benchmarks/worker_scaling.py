@@ -8,11 +8,11 @@ On the CPU the cores are split between the workers (2 cores: 1 worker x 2 thread
 against 2 workers x 1 thread). With GPUs, `--workers-per-gpu 1,2,4` compares workers
 sharing each GPU and samples GPU utilisation with nvidia-smi.
 
-    python benchmarks/worker_scaling.py --workers 1,2 --trials 6 --epochs 20 --ceiling
+    python benchmarks/worker_scaling.py --workers 1,2 --trials 6 --epochs 20
 
-`--ceiling` also measures what the machine itself allows, without the sweeper: two
-plain `python -m sweeper` trials one after the other with all threads, against two at
-once with one thread each (both with their imports).
+The "epochs/s" columns say what the hardware gives: k concurrent workers over each
+trial's seconds per epoch, against one worker's; the wall-time ratio can only lose to
+it through the sweeper's own costs (start-up, scheduling, tails).
     python benchmarks/worker_scaling.py --workers-per-gpu 1,2,4 --trials 16   # on a GPU box
 """
 
@@ -62,26 +62,15 @@ def sweep(workdir: Path, workers: list[str], args: argparse.Namespace) -> tuple[
     return wall, samples
 
 
-def ceiling(args: argparse.Namespace, cores: int) -> float:
-    """Throughput of two single-thread trials side by side over two sequential full-thread ones."""
-    trial = [sys.executable, "-m", "sweeper", f"train.epochs={args.epochs}",
-             "train.early_stopping_patience=null", f"lora.rank={args.rank}",
-             "registry.enabled=false"]  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
-        uri = f"tracking.uri=sqlite:///{tmp}/mlflow.db"
-        quiet = {"cwd": tmp, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        subprocess.run([*trial, uri, f"threads={cores}"], check=True, **quiet)  # warm caches, create the db
-        start = time.perf_counter()
-        for _ in range(2):
-            env = dict(os.environ, OMP_NUM_THREADS=str(cores))
-            subprocess.run([*trial, uri, f"threads={cores}"], check=True, env=env, **quiet)
-        sequential = time.perf_counter() - start
-        start = time.perf_counter()
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        pair = [subprocess.Popen([*trial, uri, "threads=1"], env=env, **quiet) for _ in range(2)]
-        if any(process.wait() != 0 for process in pair):
-            sys.exit("a ceiling trial failed")
-        return sequential / (time.perf_counter() - start)
+def seconds_per_epoch(workdir: Path) -> float:
+    """Mean training seconds per epoch of the sweep's trials (from their MLflow runs)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("pet-lora").experiment_id])
+    return statistics.mean(
+        r.data.metrics["seconds_per_epoch"] for r in found if "trial_number" in r.data.tags
+    )
 
 
 def main() -> None:
@@ -93,31 +82,31 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument(
-        "--ceiling", action="store_true", help="also measure the machine's own 2-process ratio"
-    )
     args = parser.parse_args()
+    gpus = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines()) if (
+        shutil.which("nvidia-smi")) else 0  # fmt: skip
     if args.workers_per_gpu:
         runs = {
-            f"{k} per GPU": [f"hydra.sweeper.workers_per_gpu={k}"] for k in args.workers_per_gpu.split(",")
+            f"{k} per GPU": ([f"hydra.sweeper.workers_per_gpu={k}"], int(k) * gpus)
+            for k in args.workers_per_gpu.split(",")
         }
     else:
-        runs = {f"{k} worker(s)": [f"hydra.sweeper.n_jobs={k}"] for k in args.workers.split(",")}
+        runs = {f"{k} worker(s)": ([f"hydra.sweeper.n_jobs={k}"], int(k)) for k in args.workers.split(",")}
     env_note = f"{os.cpu_count()} cores" + (", GPUs" if shutil.which("nvidia-smi") else "")
     print(f"{args.trials} trials x {args.epochs} epochs, rank {args.rank}, embedded default ({env_note})")
-    print(f"{'workers':>14}{'wall s':>9}{'trials/hour':>13}{'vs first':>10}{'GPU util %':>12}")
-    first = None
+    print(f"{'workers':>14}{'wall s':>8}{'trials/hour':>13}{'vs first':>10}"
+          f"{'s/epoch':>9}{'epochs/s':>10}{'vs first':>10}{'GPU util %':>12}")  # fmt: skip
+    first = first_epochs = None
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
-        for index, (name, workers) in enumerate(runs.items()):
-            wall, samples = sweep(Path(tmp) / str(index), workers, args)
-            rate = args.trials / wall * 3600
-            first = first or rate
+        for index, (name, (workers, concurrent)) in enumerate(runs.items()):
+            workdir = Path(tmp) / str(index)
+            wall, samples = sweep(workdir, workers, args)
+            rate, epoch_seconds = args.trials / wall * 3600, seconds_per_epoch(workdir)
+            epochs = concurrent / epoch_seconds
+            first, first_epochs = first or rate, first_epochs or epochs
             utilisation = f"{statistics.mean(samples):.0f}" if samples else "-"
-            print(f"{name:>14}{wall:>9.0f}{rate:>13.1f}{rate / first:>10.2f}x{utilisation:>11}", flush=True)
-    if args.ceiling:
-        cores = os.cpu_count() or 1
-        print(f"machine ceiling: 2 single-thread trials at once vs 2 {cores}-thread trials in turn: "
-              f"{ceiling(args, cores):.2f}x")  # fmt: skip
+            print(f"{name:>14}{wall:>8.0f}{rate:>13.1f}{rate / first:>9.2f}x{epoch_seconds:>9.2f}"
+                  f"{epochs:>10.2f}{epochs / first_epochs:>9.2f}x{utilisation:>12}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
