@@ -136,7 +136,7 @@ def run(
         )
         trial.log_metrics(metrics)
         trial.log_artifacts(adapter_dir, "adapter")
-        trial.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        trial.log_text(config.redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")  # no URL passwords
         trial.set_tags({"stopped_early": str(result.last_epoch + 1 < cfg.train.epochs).lower()})
         registered = _register(cfg, trial, metrics, adapter_dir, base_sha, experiment_id)
         return TrialResult(

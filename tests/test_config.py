@@ -99,3 +99,4 @@ def test_passwords_in_urls_never_reach_mlflow_params() -> None:
     assert flat["tracking.uri"] == "http://admin:***@mlflow:5000"
     assert flat["sweep.storage"] == "postgresql://u:***@db:5432/optuna"
     assert not any("s3cret" in value or "pw%21x" in value for value in flat.values())
+    assert "s3cret" not in config.redact(OmegaConf.to_yaml(cfg, resolve=True))  # the logged config.yaml

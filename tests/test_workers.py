@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from sweeper.search import workers
 
+PASSWORD = "not-a-real-secret-42"
+
 
 def sweep_command(tiny_data, workdir: Path, *arguments: str) -> list[str]:
     base = [a for a in tiny_overrides(tiny_data, workdir) if not a.startswith(("train.epochs", "lora.rank"))]
@@ -77,7 +79,8 @@ def test_four_workers_on_sqlite_lose_and_duplicate_nothing(tiny_data, tmp_path) 
 
 
 def test_the_same_sweep_on_postgresql_and_an_mlflow_server(tiny_data, tmp_path) -> None:
-    with postgres_database("optuna") as optuna_url, postgres_database("mlflow") as mlflow_store:
+    with postgres_database("optuna") as database, postgres_database("mlflow") as mlflow_store:
+        optuna_url = database.replace("postgres@", f"postgres:{PASSWORD}@")
         with serve_mlflow(
             tmp_path, "--artifacts-destination", str(tmp_path / "artifacts"), store=mlflow_store
         ) as url:
@@ -90,8 +93,16 @@ def test_the_same_sweep_on_postgresql_and_an_mlflow_server(tiny_data, tmp_path) 
             done = run_sweep(command, tmp_path)
             assert done.returncode == 0, done.stderr[-3000:]
             study = optuna.load_study(study_name="pet-lora", storage=optuna_url)
-            check_nothing_lost_or_duplicated(study, MlflowClient(tracking_uri=url), 8)
+            client = MlflowClient(tracking_uri=url)
+            check_nothing_lost_or_duplicated(study, client, 8)
             assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "pet-lora.db").exists()
+            # The storage URL's password (ignored by trust auth here) reaches no param, tag or config.yaml.
+            for run in client.search_runs([client.get_experiment_by_name("pet-lora").experiment_id]):
+                assert PASSWORD not in str(run.data.params) + str(run.data.tags)
+                if "trial_number" in run.data.tags:
+                    logged = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+                    assert PASSWORD not in logged.read_text() and "postgres:***@" in logged.read_text()
+            assert PASSWORD not in done.stdout + done.stderr
 
 
 def test_a_worker_killed_mid_trial_is_retried_and_the_study_completes(tiny_data, tmp_path) -> None:
