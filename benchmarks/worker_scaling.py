@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from sweeper.search.workers import visible_gpus
+
 
 def gpu_utilisation(stop: threading.Event, samples: list[float]) -> None:
     while not stop.wait(1.0):
@@ -83,8 +85,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
-    gpus = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines()) if (
-        shutil.which("nvidia-smi")) else 0  # fmt: skip
+    gpus = len(visible_gpus("auto"))  # what the sweep's workers are pinned to
     if args.workers_per_gpu:
         runs = {
             f"{k} per GPU": ([f"hydra.sweeper.workers_per_gpu={k}"], int(k) * gpus)

@@ -17,10 +17,9 @@ from omegaconf import DictConfig
 from sweeper import config
 
 config.register()
-CONF = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     # Heavy imports (torch, metatrain) wait until a trial runs: --help stays fast.
     from sweeper import report, trial

@@ -11,12 +11,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from sweeper import embedded
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
 
 
 class ConfigError(ValueError):
@@ -162,6 +165,15 @@ class Config:
 def register() -> None:
     OmegaConf.register_new_resolver("embedded", embedded.resolve, replace=True)
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def composed(overrides: list[str] | None = None) -> Any:
+    """conf/ as a run composes it, for the command-line tools outside Hydra's main."""
+    from hydra import compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

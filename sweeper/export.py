@@ -9,18 +9,16 @@ i-PI load without this package. MODEL_URI: `models:/<name>@champion`, `models:/<
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import mlflow
 
-from sweeper import models, promote
+from sweeper import config, models, tracking
 from sweeper.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = argparse.ArgumentParser(prog="python -m sweeper.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("uri", help="e.g. models:/base_pet_cu-lora@champion")
@@ -30,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if not Path(args.uri).is_dir():
-            mlflow.set_tracking_uri(promote.tracking_uri(args.tracking_uri, promote.defaults().tracking.uri))
+            mlflow.set_tracking_uri(tracking.resolve_uri(args.tracking_uri, config.composed().tracking.uri))
         path = models.export(args.uri, args.output, args.base_checkpoint)
     except (models.ModelError, ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

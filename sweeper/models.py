@@ -47,13 +47,7 @@ def version_of(client: MlflowClient, uri: str) -> ModelVersion | None:
     if match is None:
         return None
     name = match["name"]
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        known = sorted(m.name for m in client.search_registered_models())
-        raise ModelError(
-            f"{uri}: no registered model {name!r} (the registry has {known or 'none'})"
-        ) from None
+    require_model(client, name, uri)
     try:
         if match["alias"] is not None:
             return client.get_model_version_by_alias(name, match["alias"])
@@ -65,6 +59,16 @@ def version_of(client: MlflowClient, uri: str) -> ModelVersion | None:
             f"{uri}: registered model {name!r} has no {what} (aliases: {aliases or 'none'}; "
             "`python -m sweeper.promote` sets champion)"
         ) from None
+
+
+def require_model(client: MlflowClient, name: str, context: str) -> None:
+    """ModelError naming what the registry does hold when `name` is not registered."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        hint = f"the registry has {known}" if known else "the registry is empty: run a sweep first"
+        raise ModelError(f"{context}: no registered model {name!r} ({hint})") from None
 
 
 def fetch(uri: str, folder: Path, client: MlflowClient | None = None) -> Fetched:

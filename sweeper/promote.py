@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -28,7 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweeper import objective, registry
+from sweeper import config, models, objective, registry, tracking
 from sweeper.config import ConfigError
 from sweeper.models import ModelError
 from sweeper.verify import VerificationError, verify
@@ -124,7 +122,6 @@ def promote(client: MlflowClient, name: str, policy: Policy, base: str | None, d
 
 
 def rollback(client: MlflowClient, name: str, base: str | None) -> int:
-    client_model_exists(client, name)
     champion, previous = _alias(client, name, CHAMPION), _alias(client, name, PREVIOUS)
     if champion is None or previous is None:
         raise ConfigError(
@@ -170,15 +167,6 @@ def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
         return None
 
 
-def client_model_exists(client: MlflowClient, name: str) -> None:
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        known = sorted(m.name for m in client.search_registered_models())
-        hint = f"the registry has {known}" if known else "the registry is empty: run a sweep first"
-        raise ConfigError(f"--name: no registered model {name!r} ({hint})") from None
-
-
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -192,27 +180,6 @@ def _short(text: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def defaults() -> Any:
-    """conf/ as a sweep composes it: the objective, tracking URI and registered model name."""
-    from hydra import compose, initialize_config_dir
-
-    from sweeper import config
-    from sweeper.__main__ import CONF
-
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config")
-
-
-def tracking_uri(given: str | None, configured: str) -> str:
-    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or configured
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(
-            f"tracking URI {uri}: no such database here (run where the sweep ran, or pass --tracking-uri)"
-        )
-    return uri
 
 
 def parser(cfg: Any) -> argparse.ArgumentParser:
@@ -236,15 +203,17 @@ def parser(cfg: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    cfg = defaults()
+    cfg = config.composed()
     args = parser(cfg).parse_args(argv)
     try:
         if args.tolerance < 0:
             raise ConfigError(f"--tolerance must be >= 0, got {args.tolerance}")
-        mlflow.set_tracking_uri(tracking_uri(args.tracking_uri, cfg.tracking.uri))  # downloads use it too
+        mlflow.set_tracking_uri(tracking.resolve_uri(args.tracking_uri, cfg.tracking.uri))  # downloads too
         client = MlflowClient()
-        client_model_exists(client, args.name)
+        try:
+            models.require_model(client, args.name, "--name")
+        except ModelError as error:  # bad input (exit 2), not a failed verification
+            raise ConfigError(str(error)) from None
         if args.rollback:
             return rollback(client, args.name, args.base_checkpoint)
         policy = Policy(args.metric, args.retained_metric, args.tolerance, args.study)

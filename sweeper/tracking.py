@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import subprocess
 import time
 import traceback
@@ -70,6 +71,19 @@ def connect(uri: str, experiment: str) -> str:
     if found is not None:
         return found.experiment_id
     return client.create_experiment(experiment)
+
+
+def resolve_uri(given: str | None, configured: str) -> str:
+    """A command-line tool's tracking URI: given, else $MLFLOW_TRACKING_URI, else the config's.
+
+    A local SQLite store must exist: MLflow would silently create an empty one.
+    """
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(
+            f"tracking URI {uri}: no such database here (run where the sweep ran, or pass --tracking-uri)"
+        )
+    return uri
 
 
 def _check_reachable(uri: str) -> None:

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 from ase.io import read, write
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from sweeper import config, embedded
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 
 config.register()
 
@@ -68,8 +66,7 @@ def tiny_overrides(tiny_data: dict[str, Path], workdir: Path) -> list[str]:
 
 
 def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return config.composed(overrides)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -41,7 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from sweeper import tracking
-from sweeper.config import ConfigError, redact
+from sweeper.config import CONF_DIR, ConfigError, redact
 from sweeper.search import grammar, results, workers
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 WORKER_ATTR = "worker"  # host:pid of the controller running the trial (it keeps its heartbeat)
 RETRIES_ATTR = "retries"
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 @dataclass
@@ -128,13 +127,11 @@ class StudySweeper:
         study = optuna.create_study(
             study_name=self.study_name,
             storage=self._storage(storage),
-            sampler=self._sampler(space, constrained=len(directions) == 1),
             pruner=self.pruner,
             directions=directions,
             load_if_exists=True,
         )
-        if study.trials:  # resumed
-            study.sampler = self._sampler(space, len(directions) == 1, resumed_at=len(study.trials))
+        study.sampler = self._sampler(space, len(directions) == 1, resumed_at=len(study.trials))
         client = self.client = MlflowClient()
         shown = redact(storage)  # what may be printed or logged: no password
         parent = self._parent_run(client, study, experiment_id, shown, space, fixed)
@@ -164,7 +161,6 @@ class StudySweeper:
         """Batches of `n_jobs` through Hydra's launcher (in-process, or submitit's jobs)."""
         job = 0
         while _done(run.study) < run.n_trials:
-            _fail_stale(run.study)
             if (left := run.n_trials - _committed(run.study)) <= 0:  # the rest runs on other machines
                 time.sleep(min(5, self.heartbeat_interval))
                 continue
@@ -188,10 +184,9 @@ class StudySweeper:
             len(slots),
             ", ".join(f"gpu {s.gpu}" if s.gpu else f"{s.threads} threads" for s in slots),
         )
-        pool = workers.Pool(slots, self.sweep_dir / "workers", self.pruner, CONF)
+        pool = workers.Pool(slots, self.sweep_dir / "workers", self.pruner, CONF_DIR)
         try:
             while _done(run.study) < run.n_trials:
-                _fail_stale(run.study)
                 for slot in pool.idle():
                     if _committed(run.study) >= run.n_trials:
                         break
@@ -214,14 +209,13 @@ class StudySweeper:
         run.heartbeat.discard(trial._trial_id)
         study = run.study
         state = self._tell(study, trial, outcome)
+        frozen = study.get_trials(deepcopy=False)[trial.number]  # trial numbers are positions
         self.finished += 1
         if state == TrialState.FAIL:
             log.warning("trial %d failed: %s", trial.number, outcome.get("error"))
-            retried = outcome["state"] == "crash" and self._retry(
-                study, study.get_trials(deepcopy=False)[trial.number], outcome["error"]
-            )
+            retried = outcome["state"] == "crash" and self._retry(study, frozen, outcome["error"])
             self.failures += not retried  # a crash that is retried is not the trial's fault
-        _tag_child_run(self.client, study, trial.number, state)
+        _tag_child_run(self.client, frozen, state)
         run.bar.update(int(state in DONE))
         run.bar.set_postfix_str(_best_so_far(study))
         if self.failures > self.max_failure_rate * self.finished:
@@ -395,9 +389,8 @@ class _Grid(optuna.samplers.GridSampler):
         pass
 
 
-def _tag_child_run(client: MlflowClient, study: optuna.Study, number: int, state: TrialState) -> None:
+def _tag_child_run(client: MlflowClient, trial: FrozenTrial, state: TrialState) -> None:
     """The final state on the trial's MLflow run: complete, pruned or fail; feasibility."""
-    trial = study.get_trials(deepcopy=False)[number]  # trial numbers are positions
     run_id = trial.user_attrs.get("run_id")
     if run_id is None:
         return  # failed before its run started (bad input): there is nothing to tag
@@ -434,10 +427,13 @@ def _heartbeats(study: optuna.Study) -> bool:
 
 
 class Heartbeat:
-    """Records a heartbeat for each trial this controller runs, from a background thread
-    (a trial may run for an hour inside Hydra's launcher without returning)."""
+    """Records a heartbeat for each trial this controller runs, and fails (then re-queues,
+    through the storage's callback) trials whose heartbeat stopped, from a background thread
+    every `interval` s: a trial may run for an hour inside Hydra's launcher, and the
+    controller's polling loop stays free of these queries."""
 
     def __init__(self, study: optuna.Study, interval: int) -> None:
+        self.study = study
         self.storage = study._storage
         self.enabled = _heartbeats(study)
         self.interval = interval
@@ -465,6 +461,10 @@ class Heartbeat:
                     self.storage.record_heartbeat(trial_id)
                 except Exception as error:  # a database hiccup must not kill the sweep
                     log.warning("heartbeat of trial id %d failed: %s", trial_id, error)
+            try:
+                _fail_stale(self.study)
+            except Exception as error:
+                log.warning("checking for stale trials failed: %s", error)
 
 
 def _grid_values(key: str, distribution: BaseDistribution) -> list[Any]:
