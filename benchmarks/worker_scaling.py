@@ -8,7 +8,10 @@ On the CPU the cores are split between the workers (2 cores: 1 worker x 2 thread
 against 2 workers x 1 thread). With GPUs, `--workers-per-gpu 1,2,4` compares workers
 sharing each GPU and samples GPU utilisation with nvidia-smi.
 
-    python benchmarks/worker_scaling.py --workers 1,2 --trials 6 --epochs 20
+    python benchmarks/worker_scaling.py --workers 1,2 --trials 6 --epochs 20 --repeats 2
+
+A shared VM's speed drifts by 10-15 % over minutes: `--repeats` runs the worker counts
+in turns (1, 2, 1, 2, ...) so drift hits both, and reports the median ratio.
 
 The "epochs/s" columns say what the hardware gives: k concurrent workers over each
 trial's seconds per epoch, against one worker's; the wall-time ratio can only lose to
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all worker counts, in turns")
     args = parser.parse_args()
     gpus = len(visible_gpus("auto"))  # what the sweep's workers are pinned to
     if args.workers_per_gpu:
@@ -97,17 +101,28 @@ def main() -> None:
     print(f"{args.trials} trials x {args.epochs} epochs, rank {args.rank}, embedded default ({env_note})")
     print(f"{'workers':>14}{'wall s':>8}{'trials/hour':>13}{'vs first':>10}"
           f"{'s/epoch':>9}{'epochs/s':>10}{'vs first':>10}{'GPU util %':>12}")  # fmt: skip
-    first = first_epochs = None
+    ratios: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
-        for index, (name, (workers, concurrent)) in enumerate(runs.items()):
-            workdir = Path(tmp) / str(index)
-            wall, samples = sweep(workdir, workers, args)
-            rate, epoch_seconds = args.trials / wall * 3600, seconds_per_epoch(workdir)
-            epochs = concurrent / epoch_seconds
-            first, first_epochs = first or rate, first_epochs or epochs
-            utilisation = f"{statistics.mean(samples):.0f}" if samples else "-"
-            print(f"{name:>14}{wall:>8.0f}{rate:>13.1f}{rate / first:>9.2f}x{epoch_seconds:>9.2f}"
-                  f"{epochs:>10.2f}{epochs / first_epochs:>9.2f}x{utilisation:>12}", flush=True)  # fmt: skip
+        for repeat in range(args.repeats):
+            first = first_epochs = None
+            for index, (name, (workers, concurrent)) in enumerate(runs.items()):
+                workdir = Path(tmp) / f"{repeat}-{index}"
+                wall, samples = sweep(workdir, workers, args)
+                rate, epoch_seconds = args.trials / wall * 3600, seconds_per_epoch(workdir)
+                epochs = concurrent / epoch_seconds
+                first, first_epochs = first or rate, first_epochs or epochs
+                ratios[name].append(rate / first)
+                utilisation = f"{statistics.mean(samples):.0f}" if samples else "-"
+                print(
+                    f"{name:>14}{wall:>8.0f}{rate:>13.1f}{rate / first:>9.2f}x{epoch_seconds:>9.2f}"
+                    f"{epochs:>10.2f}{epochs / first_epochs:>9.2f}x{utilisation:>12}",
+                    flush=True,
+                )
+    if args.repeats > 1:
+        print("median trials/hour ratio: " + ", ".join(
+            f"{name} {statistics.median(values):.2f}x ({' '.join(f'{v:.2f}' for v in values)})"
+            for name, values in ratios.items()
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":
