@@ -21,6 +21,7 @@ from pathlib import Path
 import mlflow
 import optuna
 from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sweeper.config import ConfigError, redact
@@ -70,7 +71,12 @@ def connect(uri: str, experiment: str) -> str:
         ) from None
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(experiment)
+    try:
+        return client.create_experiment(experiment)
+    except MlflowException:  # another controller, started at the same time, created it first
+        if (found := client.get_experiment_by_name(experiment)) is None:
+            raise
+        return found.experiment_id
 
 
 def resolve_uri(given: str | None, configured: str) -> str:

@@ -121,11 +121,12 @@ def test_resume_runs_only_what_the_budget_has_left(rank_sweep, tiny_data) -> Non
     assert again.returncode == 0, again.stderr[-3000:]
     study = _study(workdir)
     assert len(study.trials) == 4
-    # The resumed sampler is seeded anew (seed + trials so far): no replay of the first draws.
+    # The resumed sampler is seeded anew (seed + controllers so far): no replay of the first draws.
     drawn = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(drawn)) == len(drawn)
     parents = [r for r in runs(workdir) if r.data.tags.get("role") == "study"]
     assert len(parents) == 1 and len(runs(workdir)) == 5
+    assert study.user_attrs["controllers"] >= 2
 
 
 def test_infeasible_trials_are_kept_and_marked(tiny_data, tmp_path) -> None:

@@ -43,12 +43,15 @@ from tqdm import tqdm
 from sweeper import tracking
 from sweeper.config import CONF_DIR, ConfigError, redact
 from sweeper.search import grammar, results, workers
+from sweeper.search.study_lock import StudyLock
 
 log = logging.getLogger(__name__)
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 WORKER_ATTR = "worker"  # host:pid of the controller running the trial (it keeps its heartbeat)
 RETRIES_ATTR = "retries"
+CONTROLLERS_ATTR = "controllers"  # how many controllers have opened the study: seeds their samplers
+PARENT_RUN_WAIT = 60.0  # seconds a joining controller waits for the study's creator to open its run
 
 
 @dataclass
@@ -63,6 +66,7 @@ class _Run:
     parent: str  # the MLflow parent run's id
     bar: tqdm
     heartbeat: Heartbeat
+    lock: StudyLock  # held while counting the trials and asking for one
 
 
 class StudySweeper:
@@ -124,18 +128,16 @@ class StudySweeper:
         storage = self.storage or f"sqlite:///{Path.cwd() / self.study_name}.db"
         # The tracking server first: unreachable, the sweep stops before any storage or trial.
         experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self._storage(storage),
-            pruner=self.pruner,
-            directions=directions,
-            load_if_exists=True,
-        )
-        study.sampler = self._sampler(space, len(directions) == 1, resumed_at=len(study.trials))
+        lock = StudyLock(storage, self.study_name)
+        with lock.held():  # of controllers started at once, exactly one makes tables and study
+            study, created = self._open_study(storage, directions)
+            controller = _controller_index(study)
+        study.sampler = self._sampler(space, len(directions) == 1, controller)
         client = self.client = MlflowClient()
         shown = redact(storage)  # what may be printed or logged: no password
-        parent = self._parent_run(client, study, experiment_id, shown, space, fixed)
-        self._requeue_interrupted(study)
+        parent = self._parent_run(client, study, created, experiment_id, shown, space, fixed)
+        with lock.held():  # not between another controller's `ask` and its worker tag
+            self._requeue_interrupted(study)
         log.info("study %s (%s): %d of %d trials done", self.study_name, shown, _done(study), n_trials)
 
         status = "FAILED"
@@ -145,13 +147,14 @@ class StudySweeper:
                 total=n_trials, initial=_done(study), desc=f"study {self.study_name}", unit="trial"
             ) as bar:
                 execute = self._run_pool if self._asynchronous() else self._run_batches
-                execute(_Run(study, space, fixed, n_trials, storage, parent, bar, heartbeat))
+                execute(_Run(study, space, fixed, n_trials, storage, parent, bar, heartbeat, lock))
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
             heartbeat.stop()
+            lock.close()
             summary = results.write(study, self.sweep_dir, cfg)
             results.log_to_parent(client, parent, study, summary, self.sweep_dir, cfg)
             client.set_terminated(parent, status)
@@ -161,10 +164,12 @@ class StudySweeper:
         """Batches of `n_jobs` through Hydra's launcher (in-process, or submitit's jobs)."""
         job = 0
         while _done(run.study) < run.n_trials:
-            if (left := run.n_trials - _committed(run.study)) <= 0:  # the rest runs on other machines
+            with run.lock.held():
+                left = run.n_trials - _committed(run.study)
+                trials = [self._ask(run) for _ in range(min(self.n_jobs, left))]
+            if not trials:  # the rest of the budget runs on other machines
                 time.sleep(min(5, self.heartbeat_interval))
                 continue
-            trials = [self._ask(run) for _ in range(min(self.n_jobs, left))]
             batch = [self._overrides(run, trial) for trial in trials]
             returns = self.launcher.launch(batch, initial_job_idx=job)
             job += len(returns)
@@ -188,9 +193,10 @@ class StudySweeper:
         try:
             while _done(run.study) < run.n_trials:
                 for slot in pool.idle():
-                    if _committed(run.study) >= run.n_trials:
-                        break
-                    trial = self._ask(run)
+                    with run.lock.held():
+                        if _committed(run.study) >= run.n_trials:
+                            break
+                        trial = self._ask(run)
                     overrides = self._overrides(run, trial)
                     if "threads" not in run.fixed:  # the cores are shared between the workers
                         overrides.append(f"threads={slot.threads}")
@@ -328,16 +334,17 @@ class StudySweeper:
         return isinstance(factory, functools.partial) and factory.func is optuna.samplers.GridSampler
 
     def _sampler(
-        self, space: dict[str, BaseDistribution], constrained: bool, resumed_at: int = 0
+        self, space: dict[str, BaseDistribution], constrained: bool, controller: int = 0
     ) -> optuna.samplers.BaseSampler:
-        """The configured sampler; a resumed study's is seeded `seed + trials so far`, so it
-        does not replay the random start-up trials of the first run (still deterministic)."""
+        """The configured sampler, seeded `seed + controller`: the n-th controller to open the
+        study (a resume, or another machine joining) does not replay the draws of the
+        others, and one machine's runs stay deterministic."""
         factory = self.sampler_factory
         if not isinstance(factory, functools.partial):
             return factory  # already an instance (a user's own config without _partial_)
         keywords = dict(factory.keywords)
-        if resumed_at and keywords.get("seed") is not None:
-            keywords["seed"] += resumed_at
+        if controller and keywords.get("seed") is not None:
+            keywords["seed"] += controller
         if self._is_grid():
             grid = {key: _grid_values(key, d) for key, d in space.items()}
             return _Grid(*factory.args, **{**keywords, "search_space": grid})
@@ -346,17 +353,29 @@ class StudySweeper:
             keywords["constraints_func"] = results.constraints
         return factory.func(*factory.args, **keywords)
 
+    def _open_study(self, storage: str, directions: list[str]) -> tuple[optuna.Study, bool]:
+        """The study, and whether this controller created it (call it under the study lock)."""
+        settings = {"study_name": self.study_name, "storage": self._storage(storage), "pruner": self.pruner}
+        try:
+            return optuna.create_study(directions=directions, **settings), True
+        except optuna.exceptions.DuplicatedStudyError:
+            return optuna.load_study(**settings), False
+
     def _parent_run(
         self,
         client: MlflowClient,
         study: optuna.Study,
+        created: bool,
         experiment_id: str,
         storage: str,
         space: dict[str, BaseDistribution],
         fixed: dict[str, str],
     ) -> str:
-        """One parent run per study: created once, reopened when the study resumes."""
+        """One parent run per study: opened by the controller that created the study,
+        reopened when the study resumes."""
         run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if run_id is None and not created:  # its creator, maybe on another machine, opens it now
+            run_id = _wait_for_user_attr(study, PARENT_RUN_ATTR, PARENT_RUN_WAIT)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             return run_id
@@ -404,6 +423,20 @@ def _best_so_far(study: optuna.Study) -> str:
     if len(study.directions) > 1:
         return f"{len(best)} on the Pareto front"
     return f"best {best[0].value:.4g} (trial {best[0].number})" if best else "no feasible trial yet"
+
+
+def _controller_index(study: optuna.Study) -> int:
+    """How many controllers opened the study before this one (call it under the study lock)."""
+    index = study.user_attrs.get(CONTROLLERS_ATTR, 0)
+    study.set_user_attr(CONTROLLERS_ATTR, index + 1)
+    return index
+
+
+def _wait_for_user_attr(study: optuna.Study, key: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while (value := study.user_attrs.get(key)) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return value  # None when its creator died before writing it: the caller opens its own
 
 
 def _done(study: optuna.Study) -> int:

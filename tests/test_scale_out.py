@@ -1,0 +1,88 @@
+"""Several controllers on one study, as on several machines: one budget, one parent run,
+no shared random draws."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import postgres_database, serve_mlflow
+from mlflow.tracking import MlflowClient
+from test_workers import check_nothing_lost_or_duplicated, sweep_command
+
+# Counts and asks under the lock, with a pause between the two that an unlocked
+# controller would lose the race in.
+GREEDY_CONTROLLER = """
+import sys, time, optuna
+from optuna.trial import TrialState
+from sweeper.search.study_lock import StudyLock
+storage, budget = sys.argv[1], int(sys.argv[2])
+study = optuna.load_study(study_name="budget", storage=storage)
+lock = StudyLock(storage, "budget")
+while True:
+    with lock.held():
+        if len(study.get_trials(states=(TrialState.COMPLETE, TrialState.RUNNING))) >= budget:
+            break
+        time.sleep(0.05)
+        trial = study.ask()
+    time.sleep(0.02)
+    study.tell(trial, 1.0)
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_controllers_asking_at_once_never_overshoot_the_budget(backend, tmp_path) -> None:
+    with postgres_database("budget") if backend == "postgresql" else nullcontext() as database:
+        storage = database or f"sqlite:///{tmp_path / 'budget.db'}"
+        optuna.create_study(study_name="budget", storage=storage)
+        controllers = [
+            subprocess.Popen([sys.executable, "-c", GREEDY_CONTROLLER, storage, "12"]) for _ in range(4)
+        ]
+        assert [c.wait(timeout=300) for c in controllers] == [0, 0, 0, 0]
+        trials = optuna.load_study(study_name="budget", storage=storage).trials
+        assert len(trials) == 12 and {t.state.name for t in trials} == {"COMPLETE"}
+
+
+def test_three_controllers_started_at_once_share_one_study(tiny_data, tmp_path) -> None:
+    with postgres_database("optuna") as database, postgres_database("mlflow") as mlflow_store:
+        with serve_mlflow(
+            tmp_path, "--artifacts-destination", str(tmp_path / "artifacts"), store=mlflow_store
+        ) as url:
+            command = sweep_command(
+                tiny_data, tmp_path, "train.epochs=1", "hydra.sweeper.n_trials=5",
+                "train.lr=tag(log, interval(1e-4, 1e-2))",
+                f"hydra.sweeper.storage={database}", f"tracking.uri={url}",
+            )  # fmt: skip
+            command = [a for a in command if not a.startswith("tracking.uri=sqlite")]
+            machines = [tmp_path / f"machine-{i}" for i in range(3)]
+            started = [_start(command, folder) for folder in machines]
+            try:
+                for process, folder in zip(started, machines, strict=True):
+                    assert process.wait(timeout=900) == 0, (folder / "err.log").read_text()[-3000:]
+            finally:  # the others, when one failed: before their database is dropped
+                for process in started:
+                    process.kill()
+
+            study = optuna.load_study(study_name="pet-lora", storage=database)
+            client = MlflowClient(tracking_uri=url)
+            check_nothing_lost_or_duplicated(study, client, 5)
+            assert len(study.trials) == 5  # the budget held across the three
+            assert study.user_attrs["controllers"] == 3
+            # Each controller seeded its sampler apart: no two trials drew the same values.
+            assert len({t.params["train.lr"] for t in study.trials}) == 5
+            experiment = client.get_experiment_by_name("pet-lora").experiment_id
+            found = client.search_runs([experiment], max_results=1000)
+            parents = [r for r in found if r.data.tags.get("role") == "study"]
+            assert len(parents) == 1, [p.info.run_name for p in parents]
+            children = [r for r in found if "trial_number" in r.data.tags]
+            assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+
+def _start(command: list[str], folder: Path) -> subprocess.Popen:
+    folder.mkdir()
+    with open(folder / "out.log", "w") as out, open(folder / "err.log", "w") as err:
+        return subprocess.Popen(command, cwd=folder, stdout=out, stderr=err)
