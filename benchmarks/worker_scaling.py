@@ -17,6 +17,10 @@ The "epochs/s" columns say what the hardware gives: k concurrent workers over ea
 trial's seconds per epoch, against one worker's; the wall-time ratio can only lose to
 it through the sweeper's own costs (start-up, scheduling, tails).
     python benchmarks/worker_scaling.py --workers-per-gpu 1,2,4 --trials 16   # on a GPU box
+
+`--model metatrain` runs the same sweeps on a larger PET (metatrain's default sizes,
+pretrained for `--pretrain-epochs` on the embedded data by `sweeper.pretrain`): bigger
+matrices use threads and GPUs better, so workers gain less.
 """
 
 from __future__ import annotations
@@ -46,10 +50,21 @@ def gpu_utilisation(stop: threading.Event, samples: list[float]) -> None:
             samples.append(statistics.mean(values))
 
 
-def sweep(workdir: Path, workers: list[str], args: argparse.Namespace) -> tuple[float, list[float]]:
+def larger_model(folder: Path, epochs: int) -> Path:
+    checkpoint = folder / "pet_metatrain_size.ckpt"
+    command = [sys.executable, "-m", "sweeper.pretrain", "--size", "metatrain", "--epochs", str(epochs),
+               "--threads", str(os.cpu_count()), "-o", str(checkpoint)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"pretraining the larger PET failed:\n{done.stderr[-3000:]}")
+    print(done.stdout.strip().splitlines()[-1])
+    return checkpoint
+
+
+def sweep(workdir: Path, overrides: list[str], args: argparse.Namespace) -> tuple[float, list[float]]:
     workdir.mkdir(parents=True)
     command = [
-        sys.executable, "-m", "sweeper", "-m", *workers,
+        sys.executable, "-m", "sweeper", "-m", *overrides,
         f"hydra.sweeper.n_trials={args.trials}", "hydra/sweeper/sampler=random", "hydra/sweeper/pruner=none",
         f"train.epochs={args.epochs}", "train.early_stopping_patience=null", f"lora.rank={args.rank}",
     ]  # fmt: skip
@@ -88,6 +103,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="rounds of all worker counts, in turns")
+    parser.add_argument("--model", choices=["embedded", "metatrain"], default="embedded")
+    parser.add_argument("--pretrain-epochs", type=int, default=2, help="for --model metatrain")
     args = parser.parse_args()
     gpus = len(visible_gpus("auto"))  # what the sweep's workers are pinned to
     if args.workers_per_gpu:
@@ -97,32 +114,45 @@ def main() -> None:
         }
     else:
         runs = {f"{k} worker(s)": ([f"hydra.sweeper.n_jobs={k}"], int(k)) for k in args.workers.split(",")}
-    env_note = f"{os.cpu_count()} cores" + (", GPUs" if shutil.which("nvidia-smi") else "")
-    print(f"{args.trials} trials x {args.epochs} epochs, rank {args.rank}, embedded default ({env_note})")
-    print(f"{'workers':>14}{'wall s':>8}{'trials/hour':>13}{'vs first':>10}"
-          f"{'s/epoch':>9}{'epochs/s':>10}{'vs first':>10}{'GPU util %':>12}")  # fmt: skip
-    ratios: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
-        for repeat in range(args.repeats):
-            first = first_epochs = None
-            for index, (name, (workers, concurrent)) in enumerate(runs.items()):
-                workdir = Path(tmp) / f"{repeat}-{index}"
-                wall, samples = sweep(workdir, workers, args)
-                rate, epoch_seconds = args.trials / wall * 3600, seconds_per_epoch(workdir)
-                epochs = concurrent / epoch_seconds
-                first, first_epochs = first or rate, first_epochs or epochs
-                ratios[name].append(rate / first)
-                utilisation = f"{statistics.mean(samples):.0f}" if samples else "-"
-                print(
-                    f"{name:>14}{wall:>8.0f}{rate:>13.1f}{rate / first:>9.2f}x{epoch_seconds:>9.2f}"
-                    f"{epochs:>10.2f}{epochs / first_epochs:>9.2f}x{utilisation:>12}",
-                    flush=True,
-                )
+        model = []
+        if args.model == "metatrain":
+            model = [f"model.checkpoint={larger_model(Path(tmp), args.pretrain_epochs)}"]
+        runs = {name: ([*workers, *model], k) for name, (workers, k) in runs.items()}
+        ratios = table(runs, args, Path(tmp))
     if args.repeats > 1:
         print("median trials/hour ratio: " + ", ".join(
             f"{name} {statistics.median(values):.2f}x ({' '.join(f'{v:.2f}' for v in values)})"
             for name, values in ratios.items()
         ))  # fmt: skip
+
+
+Runs = dict[str, tuple[list[str], int]]  # name: (overrides, workers running at once)
+
+
+def table(runs: Runs, args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    """Each run's row, `--repeats` times in turns; returns each run's throughput ratios."""
+    env_note = f"{os.cpu_count()} cores" + (", GPUs" if shutil.which("nvidia-smi") else "")
+    print(f"{args.trials} trials x {args.epochs} epochs, rank {args.rank}, {args.model} PET ({env_note})")
+    print(f"{'workers':>14}{'wall s':>8}{'trials/hour':>13}{'vs first':>10}"
+          f"{'s/epoch':>9}{'epochs/s':>10}{'vs first':>10}{'GPU util %':>12}")  # fmt: skip
+    ratios: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        first = first_epochs = None
+        for index, (name, (overrides, concurrent)) in enumerate(runs.items()):
+            workdir = tmp / f"{repeat}-{index}"
+            wall, samples = sweep(workdir, overrides, args)
+            rate, epoch_seconds = args.trials / wall * 3600, seconds_per_epoch(workdir)
+            epochs = concurrent / epoch_seconds
+            first, first_epochs = first or rate, first_epochs or epochs
+            ratios[name].append(rate / first)
+            utilisation = f"{statistics.mean(samples):.0f}" if samples else "-"
+            print(
+                f"{name:>14}{wall:>8.0f}{rate:>13.1f}{rate / first:>9.2f}x{epoch_seconds:>9.2f}"
+                f"{epochs:>10.2f}{epochs / first_epochs:>9.2f}x{utilisation:>12}",
+                flush=True,
+            )
+    return ratios
 
 
 if __name__ == "__main__":

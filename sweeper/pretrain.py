@@ -4,6 +4,8 @@ Trains a small PET from scratch on the embedded bulk-copper set and writes the
 checkpoint plus a model card (recipe, data sha256, errors on its own training set)
 into `sweeper/assets/`. The shipped checkpoint was made by this command; rerun it to
 rebuild the base model, e.g. after a metatrain upgrade changes the checkpoint format.
+`--size metatrain` makes a larger PET (metatrain's default sizes, about 4x the
+parameters) on the same data, for benchmarks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ MODEL_HYPERS = {
     "num_attention_layers": 1,
     "num_gnn_layers": 2,
 }
+SIZES = {"embedded": MODEL_HYPERS, "metatrain": {"cutoff": 4.5}}  # the rest: metatrain's defaults
 TRAINING_HYPERS = {
     "batch_size": 8,
     "num_epochs": 60,
@@ -41,7 +44,7 @@ TRAINING_HYPERS = {
 VALIDATION_STRUCTURES = 16
 
 
-def pretrain(output: Path, epochs: int, threads: int) -> dict:
+def pretrain(output: Path, epochs: int, threads: int, model_hypers: dict = MODEL_HYPERS) -> dict:
     torch.set_num_threads(threads)
     pet.seed_everything(embedded.SEED)
     paths = embedded.ensure_datasets()
@@ -52,7 +55,7 @@ def pretrain(output: Path, epochs: int, threads: int) -> dict:
     train_set = torch.utils.data.Subset(dataset, order[VALIDATION_STRUCTURES:].tolist())
 
     info = pet.dataset_info(pet.atomic_types([dataset]), target_info, labels.length_unit)
-    model = pet.new_model(MODEL_HYPERS, info)
+    model = pet.new_model(model_hypers, info)
     hypers = pet.training_hypers({**TRAINING_HYPERS, "num_epochs": epochs}, None, labels)
 
     def report(epoch: int, row: dict[str, float]) -> None:
@@ -69,7 +72,7 @@ def pretrain(output: Path, epochs: int, threads: int) -> dict:
     card = {
         "recipe": "python -m sweeper.pretrain",
         "recipe_version": embedded.RECIPE_VERSION,
-        "model_hypers": MODEL_HYPERS,
+        "model_hypers": model_hypers,
         "training_hypers": hypers | {"finetune": None},
         "epochs": epochs,
         "best_epoch": result.best_epoch,
@@ -93,8 +96,9 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=embedded.base_model_path())
     parser.add_argument("--epochs", type=int, default=TRAINING_HYPERS["num_epochs"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", choices=SIZES, default="embedded")
     args = parser.parse_args()
-    card = pretrain(args.output, args.epochs, args.threads)
+    card = pretrain(args.output, args.epochs, args.threads, SIZES[args.size])
     print(json.dumps(card["errors_on_training_set"], indent=2))
     print(f"wrote {args.output} ({card['parameters']} parameters, {card['training_seconds']} s)")
 
