@@ -1,16 +1,25 @@
-"""Which torch device a trial runs on, with clear errors for impossible requests."""
+"""Which torch device a trial runs on, with clear errors for impossible requests, and the
+CPU cores it may use.
+
+torch is imported inside the functions that need it: the sweep's controller asks for
+`usable_cores` and stays free of torch (its workers pick their GPU before loading it).
+"""
 
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from sweeper.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve(name: str) -> torch.device:
     """`auto` -> CUDA when available else CPU; `cuda`/`cuda:N` must exist."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
@@ -24,10 +33,13 @@ def resolve(name: str) -> torch.device:
 
 
 def describe(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
 
 
 def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask under SLURM or taskset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

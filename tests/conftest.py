@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 from ase.io import read, write
 from mlflow.tracking import MlflowClient
@@ -69,10 +70,13 @@ def compose_config(overrides: list[str]):
     return config.composed(overrides)
 
 
+SWEEPER = [sys.executable, "-m", "sweeper"]
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
     return subprocess.run(
-        [sys.executable, "-m", "sweeper", *args],
+        [*SWEEPER, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -85,6 +89,35 @@ def sweep_cli(tiny_data: dict[str, Path], workdir: Path, *arguments: str) -> sub
     """`python -m sweeper -m` on tiny data, 2 epochs per trial."""
     base = [a for a in tiny_overrides(tiny_data, workdir) if not a.startswith("train.epochs")]
     return run_cli(["-m", *base, "train.epochs=2", "data.original.max_structures=4", *arguments], cwd=workdir)
+
+
+def sweep_args(tiny_data: dict[str, Path], workdir: Path, *arguments: str) -> list[str]:
+    """`-m` and the overrides of a sweep on tiny data: ranks 2 and 4, no pruning. An argument
+    replaces the default of its key (e.g. `tracking.uri=http://...`)."""
+    defaults = [*tiny_overrides(tiny_data, workdir), "data.original.max_structures=4",
+                "hydra/sweeper/pruner=none", "lora.rank=2,4"]  # fmt: skip
+    chosen = {override.split("=", 1)[0]: override for override in [*defaults, *arguments]}
+    return ["-m", *chosen.values()]
+
+
+def check_nothing_lost_or_duplicated(study: optuna.Study, client: MlflowClient, n_trials: int) -> None:
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == n_trials
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    experiment = client.get_experiment_by_name("pet-lora").experiment_id
+    found = client.search_runs([experiment], max_results=1000)
+    assert not [r for r in found if r.info.status == "RUNNING"]
+    children = [r for r in found if "trial_number" in r.data.tags]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    # One FINISHED run per complete trial, with that trial's parameters: none lost, none twice.
+    assert sorted(int(r.data.tags["trial_number"]) for r in finished) == sorted(t.number for t in complete)
+    by_number = {t.number: t for t in complete}
+    for run in finished:
+        trial = by_number[int(run.data.tags["trial_number"])]
+        assert trial.user_attrs["run_id"] == run.info.run_id
+        assert int(run.data.params["lora.rank"]) == trial.params["lora.rank"]
+        assert run.data.tags["threads"] == run.data.params["threads"]
 
 
 def runs(workdir: Path, experiment: str = "pet-lora") -> list:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import postgres_database, serve_mlflow
+from conftest import SWEEPER, check_nothing_lost_or_duplicated, postgres_database, serve_mlflow, sweep_args
 from mlflow.tracking import MlflowClient
-from test_workers import check_nothing_lost_or_duplicated, sweep_command
 
 # Counts and asks under the lock, with a pause between the two that an unlocked
 # controller would lose the race in.
@@ -52,12 +51,11 @@ def test_three_controllers_started_at_once_share_one_study(tiny_data, tmp_path) 
         with serve_mlflow(
             tmp_path, "--artifacts-destination", str(tmp_path / "artifacts"), store=mlflow_store
         ) as url:
-            command = sweep_command(
+            command = [*SWEEPER, *sweep_args(
                 tiny_data, tmp_path, "train.epochs=1", "hydra.sweeper.n_trials=5",
                 "train.lr=tag(log, interval(1e-4, 1e-2))",
                 f"hydra.sweeper.storage={database}", f"tracking.uri={url}",
-            )  # fmt: skip
-            command = [a for a in command if not a.startswith("tracking.uri=sqlite")]
+            )]  # fmt: skip
             machines = [tmp_path / f"machine-{i}" for i in range(3)]
             started = [_start(command, folder) for folder in machines]
             try:

@@ -6,49 +6,25 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import psutil
-from conftest import free_port, postgres_database, serve_mlflow, tiny_overrides
+from conftest import (
+    SWEEPER,
+    check_nothing_lost_or_duplicated,
+    free_port,
+    postgres_database,
+    run_cli,
+    serve_mlflow,
+    sweep_args,
+)
 from mlflow.tracking import MlflowClient
 
 from sweeper.search import workers
 
 PASSWORD = "not-a-real-secret-42"
-
-
-def sweep_command(tiny_data, workdir: Path, *arguments: str) -> list[str]:
-    base = [a for a in tiny_overrides(tiny_data, workdir) if not a.startswith(("train.epochs", "lora.rank"))]
-    return [sys.executable, "-m", "sweeper", "-m", *base, "data.original.max_structures=4",
-            "hydra/sweeper/pruner=none", "lora.rank=2,4", *arguments]  # fmt: skip
-
-
-def check_nothing_lost_or_duplicated(study: optuna.Study, client: MlflowClient, n_trials: int) -> None:
-    trials = study.get_trials()
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(complete) == n_trials
-    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
-    experiment = client.get_experiment_by_name("pet-lora").experiment_id
-    found = client.search_runs([experiment], max_results=1000)
-    assert not [r for r in found if r.info.status == "RUNNING"]
-    children = [r for r in found if "trial_number" in r.data.tags]
-    finished = [r for r in children if r.info.status == "FINISHED"]
-    # One FINISHED run per complete trial, with that trial's parameters: none lost, none twice.
-    assert sorted(int(r.data.tags["trial_number"]) for r in finished) == sorted(t.number for t in complete)
-    by_number = {t.number: t for t in complete}
-    for run in finished:
-        trial = by_number[int(run.data.tags["trial_number"])]
-        assert trial.user_attrs["run_id"] == run.info.run_id
-        assert int(run.data.params["lora.rank"]) == trial.params["lora.rank"]
-        assert run.data.tags["threads"] == run.data.params["threads"]
-
-
-def run_sweep(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_slots_pin_gpus_round_robin_and_split_cores() -> None:
@@ -64,10 +40,10 @@ def test_slots_pin_gpus_round_robin_and_split_cores() -> None:
 
 
 def test_four_workers_on_sqlite_lose_and_duplicate_nothing(tiny_data, tmp_path) -> None:
-    command = sweep_command(
+    args = sweep_args(
         tiny_data, tmp_path, "train.epochs=2", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=4"
     )
-    done = run_sweep(command, tmp_path)
+    done = run_cli(args, tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -85,12 +61,11 @@ def test_the_same_sweep_on_postgresql_and_an_mlflow_server(tiny_data, tmp_path) 
             tmp_path, "--artifacts-destination", str(tmp_path / "artifacts"), store=mlflow_store
         ) as url:
             # The same command as on one box, with only the two URLs changed.
-            command = sweep_command(
+            args = sweep_args(
                 tiny_data, tmp_path, "train.epochs=2", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=4",
                 f"hydra.sweeper.storage={optuna_url}", f"tracking.uri={url}",
             )  # fmt: skip
-            command = [a for a in command if not a.startswith("tracking.uri=sqlite")]
-            done = run_sweep(command, tmp_path)
+            done = run_cli(args, tmp_path, timeout=900)
             assert done.returncode == 0, done.stderr[-3000:]
             study = optuna.load_study(study_name="pet-lora", storage=optuna_url)
             client = MlflowClient(tracking_uri=url)
@@ -106,12 +81,12 @@ def test_the_same_sweep_on_postgresql_and_an_mlflow_server(tiny_data, tmp_path) 
 
 
 def test_a_worker_killed_mid_trial_is_retried_and_the_study_completes(tiny_data, tmp_path) -> None:
-    command = sweep_command(
+    args = sweep_args(
         tiny_data, tmp_path, "train.epochs=10", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2"
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     sweep = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*SWEEPER, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     storage = f"sqlite:///{tmp_path / 'pet-lora.db'}"
     victim = None
@@ -150,11 +125,11 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_completes(tiny_data,
 
 def test_hydra_submitit_launcher_runs_the_trials(tiny_data, tmp_path) -> None:
     """`hydra/launcher=submitit_local` here; `submitit_slurm` on a cluster is the same path."""
-    command = sweep_command(
+    args = sweep_args(
         tiny_data, tmp_path, "train.epochs=2", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
         "hydra/launcher=submitit_local",
     )  # fmt: skip
-    done = run_sweep(command, tmp_path)
+    done = run_cli(args, tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
     check_nothing_lost_or_duplicated(
@@ -164,11 +139,10 @@ def test_hydra_submitit_launcher_runs_the_trials(tiny_data, tmp_path) -> None:
 
 
 def test_an_unreachable_tracking_server_stops_the_sweep_before_anything_starts(tiny_data, tmp_path) -> None:
-    command = sweep_command(
+    args = sweep_args(
         tiny_data, tmp_path, "hydra.sweeper.n_jobs=2", f"tracking.uri=http://127.0.0.1:{free_port()}"
     )
-    command = [a for a in command if not a.startswith("tracking.uri=sqlite")]
-    done = run_sweep(command, tmp_path)
+    done = run_cli(args, tmp_path, timeout=900)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: tracking.uri 'http://127.0.0.1:")
     assert "unreachable" in done.stderr and not (tmp_path / "pet-lora.db").exists()

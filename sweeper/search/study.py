@@ -40,7 +40,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled  # not re-exported b
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from sweeper import tracking
+from sweeper import devices, tracking
 from sweeper.config import CONF_DIR, ConfigError, redact
 from sweeper.search import grammar, results, workers
 from sweeper.search.study_lock import StudyLock
@@ -183,7 +183,7 @@ class StudySweeper:
     def _run_pool(self, run: _Run) -> None:
         """Asynchronous workers: a free worker takes the next trial at once, no batch barrier."""
         gpus = workers.visible_gpus(str(run.fixed.get("device", self.config.device)))
-        slots = workers.plan(self.n_jobs, self.workers_per_gpu, gpus, workers.usable_cores())
+        slots = workers.plan(self.n_jobs, self.workers_per_gpu, gpus, devices.usable_cores())
         log.info(
             "%d workers: %s",
             len(slots),

@@ -32,7 +32,8 @@ class StudyLock:
         except sqlalchemy.exc.ArgumentError:  # not a database URL: nothing to lock
             return
         if url.get_backend_name() == "postgresql":
-            self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            # One kept connection: the pool loop takes the lock every second while a worker is idle.
+            self.engine = sqlalchemy.create_engine(url, pool_size=1, pool_pre_ping=True)
             name = f"pet-lora-sweeper {url.database} {study_name}"
             digest = hashlib.sha256(name.encode()).digest()
             self.key = int.from_bytes(digest[:8], "big", signed=True)  # advisory locks take a bigint

@@ -64,10 +64,6 @@ def visible_gpus(device: str) -> list[str]:
     return [str(i) for i, line in enumerate(line for line in listing.splitlines() if line.startswith("GPU"))]
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @dataclass
 class Task:
     key: Any  # the controller's handle on the trial
