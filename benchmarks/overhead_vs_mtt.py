@@ -27,7 +27,8 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sweeper import config, embedded, pet, train  # noqa: E402
+from sweeper import config, embedded, train  # noqa: E402
+from sweeper import metatrain as mtt  # noqa: E402
 
 METRICS = [
     "val_energy_mae_meV_per_atom",
@@ -61,10 +62,10 @@ def mtt_options(args: argparse.Namespace, workdir: Path) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=our_overrides(args, workdir))
     paths = embedded.ensure_datasets()
-    strategy = pet.finetune_strategy(
+    strategy = mtt.finetune_strategy(
         "lora", cfg.model.checkpoint, args.rank, args.alpha, list(cfg.lora.target_modules)
     )
-    hypers = train.hypers(cfg, strategy, pet.Labels())
+    hypers = train.hypers(cfg, strategy, [mtt.Labels()])
 
     def dataset(path: Path) -> dict:
         return {
@@ -117,9 +118,9 @@ def run_mtt(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dic
     rows = list(csv.reader(next(folder.glob("outputs/*/*/train.csv")).open()))
     keys, units, last = rows[0], rows[1], rows[-1]
     curve = [dict(zip(keys, row, strict=True)).get("validation forces MAE") for row in rows[2:]]
-    named = {
-        pet.metric_name(key, unit): float(value) for key, unit, value in zip(keys, units, last, strict=True)
-    }
+    named = dict(
+        mtt.metric(key, unit, float(value)) for key, unit, value in zip(keys, units, last, strict=True)
+    )
     return {
         "wall_seconds": wall,
         "seconds_per_epoch": (row_times[-1] - row_times[0]) / (len(row_times) - 1),

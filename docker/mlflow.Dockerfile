@@ -3,7 +3,9 @@
 FROM python:3.11-slim
 
 RUN pip install --no-cache-dir "mlflow[auth]==3.17.2" "psycopg2-binary>=2.9" \
-    && useradd --create-home --uid 1000 mlflow
+    && useradd --create-home --uid 1000 mlflow \
+    && mkdir /artifacts && chown mlflow:mlflow /artifacts
+# A fresh named volume mounted on /artifacts copies this folder's owner: the server can write.
 COPY docker/mlflow-entrypoint.sh /usr/local/bin/mlflow-entrypoint.sh
 USER mlflow
 EXPOSE 5000

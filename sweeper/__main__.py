@@ -14,7 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sweeper import config
+from sweeper import config, secrets
+from sweeper.signals import Terminated, exit_code, terminate_as_exception
 
 config.register()
 
@@ -27,16 +28,23 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     runtime = HydraConfig.get()
     output_dir = Path(runtime.runtime.output_dir)
     log_file = output_dir / f"{runtime.job.name}.log"
-    try:
-        if cfg.sweep.study_name is not None:  # a trial of a study: report epochs, may be pruned
-            from sweeper.search import job
-            from sweeper.search.pruning import configured_pruner
+    secrets.scrub_hydra_files(output_dir)  # Hydra wrote the command line there already
+    if cfg.sweep.study_name is not None:  # a trial of a study: report epochs, may be pruned, may fail
+        from sweeper.search import job
+        from sweeper.search.pruning import configured_pruner
 
-            return job.run(cfg, output_dir, log_file, configured_pruner())
-        result = trial.run(cfg, output_dir, log_file=log_file)
+        return job.run(cfg, output_dir, log_file, configured_pruner())
+    try:
+        if cfg.verbose:
+            report.log_to_console()
+        with terminate_as_exception(), report.epoch_bar(cfg) as each_epoch:
+            result = trial.run(cfg, output_dir, on_epoch=each_epoch, log_file=log_file)
     except config.ConfigError as error:  # bad input: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as stop:  # the run ended KILLED on the way out
+        print(f"\ntrial stopped ({stop or 'Ctrl-C'}): its MLflow run ended KILLED", file=sys.stderr)
+        sys.exit(exit_code(stop))
     print(report.summary(cfg, result))
     return {"state": "complete", "run_id": result.run_id, "metrics": result.metrics}
 

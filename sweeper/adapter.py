@@ -2,7 +2,10 @@
 
 A folder with `adapter_model.safetensors` (for LoRA only the `lora_*` tensors, ~30 KB
 against a 3.5 MB checkpoint) and `adapter_config.json`, which carries a format version
-and everything needed to rebuild the adapted model from the base checkpoint.
+and everything needed to rebuild the adapted model from the base checkpoint: the method
+and its settings, the targets the adapted model keeps (a `lora` or `full` run drops the
+base's targets it did not train, e.g. `non_conservative_force`) and the per-element
+energy offsets of `energy_reference=refit`.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sweeper import pet
+from sweeper import metatrain as mtt
 from sweeper.embedded import file_sha256
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: base_targets, energy_offsets
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -39,6 +43,8 @@ def save(
     base_checkpoint_sha256: str,
     atomic_types: list[int],
     targets: list[str],
+    base_targets: list[str],
+    energy_offsets: dict[int, float],
 ) -> dict[str, Any]:
     """Write the adapter folder; returns its config."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,9 +58,11 @@ def save(
         "target_modules": list(target_modules) if lora else None,
         "init": init if lora else None,
         "base_checkpoint_sha256": base_checkpoint_sha256,
-        "metatrain_version": pet.METATRAIN_VERSION,
+        "metatrain_version": mtt.METATRAIN_VERSION,
         "atomic_types": atomic_types,
-        "targets": targets,
+        "targets": targets,  # what the adapted model predicts
+        "base_targets": base_targets,  # what the base predicted
+        "energy_offsets": {str(z): value for z, value in energy_offsets.items()},  # model units, per atom
         "tensors": sorted(tensors),
     }
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
@@ -75,15 +83,20 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file() or not (Path(folder) / WEIGHTS_FILE).is_file():
         raise AdapterError(f"{folder}: not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     config = json.loads(path.read_text())
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") not in READABLE_VERSIONS:
         raise AdapterError(
-            f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}"
+            f"{path}: format_version {config.get('format_version')!r}, expected one of {READABLE_VERSIONS}"
         )
     return config
 
 
-def apply(folder: Path, base_checkpoint: str | Path) -> pet.PET:
-    """The base model with the adapter applied, in eval mode.
+def energy_offsets(config: dict[str, Any]) -> dict[int, float]:
+    return {int(z): float(value) for z, value in config.get("energy_offsets", {}).items()}
+
+
+def apply(folder: Path, base_checkpoint: str | Path) -> mtt.PET:
+    """The base model with the adapter applied, in eval mode: the same targets, weights
+    and energy offsets as the trial's model.
 
     Refuses a base checkpoint other than the one the adapter was trained on.
     """
@@ -94,16 +107,20 @@ def apply(folder: Path, base_checkpoint: str | Path) -> pet.PET:
             f"{base_checkpoint}: sha256 {sha[:12]}… is not the adapter's base "
             f"({config['base_checkpoint_sha256'][:12]}…)"
         )
-    model = pet.load_checkpoint(base_checkpoint)
-    if config["method"] == "lora":
-        strategy = pet.finetune_strategy(
-            "lora", base_checkpoint, config["rank"], config["alpha"], config["target_modules"]
-        )
-        model = pet.apply_strategy(model, strategy, zero_lora_b=True)
+    model = mtt.load_checkpoint(base_checkpoint)
+    missing = sorted(set(config["targets"]) - set(mtt.model_targets(model)))
+    if missing:
+        raise AdapterError(f"{folder}: the adapter predicts {missing}, which the base model lacks")
+    model = mtt.keep_only(model, config["targets"])  # the strategy drops the others, as in training
+    strategy = mtt.finetune_strategy(
+        config["method"], base_checkpoint, config["rank"], config["alpha"], config["target_modules"]
+    )
+    model = mtt.apply_strategy(model, strategy, zero_lora_b=config["method"] == "lora")
     tensors = load_file(str(Path(folder) / WEIGHTS_FILE))
-    untrained = set(pet.trainable_tensors(model)) - set(tensors) if config["method"] == "lora" else set()
+    untrained = set(mtt.trainable_tensors(model)) - set(tensors) if config["method"] == "lora" else set()
     if untrained:
         raise AdapterError(f"{folder}: adapter lacks tensors {sorted(untrained)[:3]}")
-    pet.load_state(model, tensors, strict=False)
+    mtt.load_state(model, tensors, strict=False)
+    mtt.add_energy_offsets(model, energy_offsets(config))
     model.eval()
     return model

@@ -18,8 +18,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from sweeper import embedded
+from sweeper.secrets import redact
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
+
+def _conf_dir() -> Path:
+    """The Hydra config tree: `sweeper/conf/` in a wheel (pyproject maps the repository's top-level
+    conf/ to the package `sweeper.conf`), the repository's conf/ in a checkout (editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if installed.is_dir() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 class ConfigError(ValueError):
@@ -47,15 +57,25 @@ class Scheduler(str, Enum):
 @dataclass
 class ModelConfig:
     checkpoint: str = "${embedded:base_model}"
+    sha256: str | None = None  # the checkpoint's sha256, checked before it is unpickled
+
+
+class EnergyReference(str, Enum):
+    base = "base"  # the labels' energy reference is the base model's (same DFT method)
+    refit = "refit"  # another reference method: per-element offsets fitted and folded in
 
 
 @dataclass
 class LabelsConfig:
     energy_key: str = "energy"
-    energy_unit: str = "eV"
+    energy_unit: str = "eV"  # any unit metatomic knows: eV, meV, hartree, kcal/mol, kJ/mol, ...
     forces: bool = True
     forces_key: str = "forces"
-    length_unit: str = "angstrom"
+    stress: bool = False  # stress labels (energy/length^3, periodic structures only)
+    stress_key: str = "stress"
+    virial: bool = False  # virial labels (energy) instead of stress: never both
+    virial_key: str = "virial"
+    length_unit: str = "angstrom"  # angstrom or bohr: the base model's
 
 
 @dataclass
@@ -64,6 +84,7 @@ class FinetuneDataConfig(LabelsConfig):
     validation: str | None = "${embedded:validation}"
     validation_fraction: float = 0.2  # taken from `train` when `validation` is null
     test: str | None = "${embedded:test}"
+    energy_reference: EnergyReference = EnergyReference.base
 
 
 @dataclass
@@ -87,9 +108,34 @@ class LoraConfig:
     init: LoraInit = LoraInit.zero
 
 
+class ReplayLabels(str, Enum):
+    reference = "reference"  # the original file's own labels
+    base = "base"  # the base model's predictions: for structures whose labels you do not have
+
+
+@dataclass
+class ReplayConfig:
+    """Structures of the original set mixed into every training epoch (metatrain's own
+    multi-dataset training), disjoint from those that measure retained accuracy."""
+
+    structures: int = 0  # 0: no replay
+    labels: ReplayLabels = ReplayLabels.reference
+    repeat: int = 1  # copies of the replay set per epoch: its weight against the fine-tuning data
+
+
 @dataclass
 class FinetuneConfig:
     method: Method = Method.lora
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+@dataclass
+class LossWeightsConfig:
+    """metatrain's loss weights: the energy, its forces and its stress (or virial)."""
+
+    energy: float = 1.0
+    forces: float = 1.0
+    stress: float = 1.0
 
 
 @dataclass
@@ -105,6 +151,7 @@ class TrainConfig:
     early_stopping_patience: int | None = 10  # epochs without improvement; null: off
     grad_clip_norm: float = 1.0
     loss: str = "mse"
+    loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
     dtype: str = "float32"
 
 
@@ -116,8 +163,12 @@ class ObjectiveMode(str, Enum):
 @dataclass
 class ObjectiveConfig:
     mode: ObjectiveMode = ObjectiveMode.constrained
-    metric: str = "val_force_mae_meV_per_A"
-    retained_metric: str = "retained_force_mae_ratio"  # fine-tuned / base on the original set
+    # null: follows the data (sweeper/objective.py): the validation force MAE, or the
+    # energy MAE for energy-only data
+    metric: str | None = None
+    # null: the force-MAE ratio on the original set (energy ratio for energy-only data);
+    # none without an original set, and the study optimises `metric` alone
+    retained_metric: str | None = None
     retained_tolerance: float = 2.0  # feasible: retained_metric <= 1 + tolerance
 
 
@@ -160,6 +211,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch threads; null: every core this process may use
+    verbose: bool = False  # metatrain's log on the console too (always in the trial's trial.log)
 
 
 def register() -> None:
@@ -183,6 +235,11 @@ def check(cfg: Any) -> None:
     """Value rules beyond types; raises ConfigError naming the key."""
     rules = [
         ("lora.rank", cfg.lora.rank >= 1, "must be >= 1"),
+        (
+            "model.sha256",
+            cfg.model.sha256 is None or re.fullmatch(r"[0-9a-fA-F]{64}", str(cfg.model.sha256)) is not None,
+            "must be 64 hexadecimal digits (sha256sum of the checkpoint) or null",
+        ),
         ("lora.alpha", cfg.lora.alpha > 0, "must be > 0"),
         ("lora.target_modules", len(cfg.lora.target_modules) > 0, "must name at least one module"),
         ("train.lr", cfg.train.lr > 0 and math.isfinite(cfg.train.lr), "must be > 0"),
@@ -212,21 +269,32 @@ def check(cfg: Any) -> None:
             cfg.data.original.max_structures is None or cfg.data.original.max_structures >= 1,
             "must be >= 1 or null",
         ),
+        ("finetune.replay.structures", cfg.finetune.replay.structures >= 0, "must be >= 0"),
+        ("finetune.replay.repeat", cfg.finetune.replay.repeat >= 1, "must be >= 1"),
+        (
+            "finetune.replay.structures",
+            cfg.finetune.replay.structures == 0 or cfg.data.original.path is not None,
+            "needs an original set to draw from (data.original.path is null)",
+        ),
         ("device", _DEVICE.fullmatch(cfg.device) is not None, "must be auto, cpu, cuda or cuda:N"),
         ("threads", cfg.threads is None or cfg.threads >= 1, "must be >= 1 or null"),
         ("objective.retained_tolerance", cfg.objective.retained_tolerance >= 0, "must be >= 0"),
+        *(
+            (f"train.loss_weights.{name}", cfg.train.loss_weights[name] >= 0, "must be >= 0")
+            for name in ("energy", "forces", "stress")
+        ),
+        *(
+            (
+                f"data.{role}.stress",
+                not (cfg.data[role].stress and cfg.data[role].virial),
+                f"and data.{role}.virial cannot both be true (metatrain trains one of them)",
+            )
+            for role in ("finetune", "original")
+        ),
     ]
     for key, ok, rule in rules:
         if not ok:
             raise ConfigError(f"{key} {rule}, got {OmegaConf.select(cfg, key)!r}")
-
-
-_URL_PASSWORD = re.compile(r"(://[^/@:\s]+):[^@/\s]+@")
-
-
-def redact(text: str) -> str:
-    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`."""
-    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def flatten(cfg: Any) -> dict[str, str]:

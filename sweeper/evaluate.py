@@ -1,4 +1,11 @@
-"""Errors of a model on a dataset, and retained accuracy against the base model."""
+"""Errors of a model on a dataset, in meV whatever the units, and retained accuracy.
+
+Predictions come in the model's units and labels in the data's: the predictions are
+brought to the data's units (a factor of exactly 1 when they agree), the errors are
+taken there in float64, then converted to meV/atom, meV/Å and meV/Å³ with metatomic's
+factors. Stress errors are per component of the 3x3 stress (a virial label counts as
+its stress, -virial / volume).
+"""
 
 from __future__ import annotations
 
@@ -9,35 +16,49 @@ from pathlib import Path
 
 import torch
 
-from sweeper import pet
+from sweeper import metatrain as mtt
 from sweeper.embedded import cache_root
 
-MEV = 1000.0
 # Part of the base-error cache key: bump when `errors` would give other numbers.
-EVALUATION_VERSION = 2
+EVALUATION_VERSION = 3
 
 
 def errors(
-    model: pet.PET, dataset: pet.Dataset, device: torch.device, batch_size: int = 16
+    model: mtt.PET, dataset: mtt.Dataset, labels: mtt.Labels, device: torch.device, batch_size: int = 16
 ) -> dict[str, float]:
-    """Energy MAE/RMSE per atom (meV/atom) and force MAE/RMSE (meV/Å), in float64."""
-    energy_error, force_error = [], []
-    for predicted_e, reference_e, predicted_g, reference_g, atoms in pet.predict(
-        model, dataset, device, batch_size
-    ):
-        energy_error.append((predicted_e - reference_e) / atoms)
-        if predicted_g is not None:
-            force_error.append((predicted_g - reference_g).reshape(-1))
-    result = _mae_rmse(torch.cat(energy_error), "energy", "meV_per_atom")
-    if force_error:
-        result |= _mae_rmse(torch.cat(force_error), "force", "meV_per_A")
+    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/Å) and stress MAE/RMSE
+    (meV/Å³) where the data has those labels."""
+    to_data = mtt.units.factor(mtt.model_units(model)[0], labels.energy_unit)
+    energy, force, stress = [], [], []
+    for batch in mtt.predict(model, dataset, device, batch_size):
+        predicted, reference = batch.energy
+        energy.append((_in_data_units(predicted, to_data) - reference) / batch.atoms)
+        if batch.gradient is not None:
+            predicted, reference = batch.gradient
+            force.append((_in_data_units(predicted, to_data) - reference).reshape(-1))
+        if batch.strain is not None:
+            predicted, reference = batch.strain
+            difference = _in_data_units(predicted, to_data) - reference
+            stress.append((difference / batch.volumes.reshape(-1, 1, 1)).reshape(-1))
+    e, length = labels.energy_unit, labels.length_unit
+    result = _mae_rmse(torch.cat(energy), "energy", "meV_per_atom", mtt.units.factor(e, mtt.units.ENERGY))
+    if force:
+        to_mev = mtt.units.factor(mtt.units.force_unit(e, length), mtt.units.FORCE)
+        result |= _mae_rmse(torch.cat(force), "force", "meV_per_A", to_mev)
+    if stress:
+        to_mev = mtt.units.factor(mtt.units.stress_unit(e, length), mtt.units.STRESS)
+        result |= _mae_rmse(torch.cat(stress), "stress", "meV_per_A3", to_mev)
     return result
 
 
-def _mae_rmse(error: torch.Tensor, quantity: str, unit: str) -> dict[str, float]:
+def _in_data_units(predicted: torch.Tensor, factor: float) -> torch.Tensor:
+    return predicted if factor == 1.0 else predicted * factor
+
+
+def _mae_rmse(error: torch.Tensor, quantity: str, unit: str, to_mev: float) -> dict[str, float]:
     return {
-        f"{quantity}_mae_{unit}": float(error.abs().mean()) * MEV,
-        f"{quantity}_rmse_{unit}": float(error.pow(2).mean().sqrt()) * MEV,
+        f"{quantity}_mae_{unit}": float(error.abs().mean()) * to_mev,
+        f"{quantity}_rmse_{unit}": float(error.pow(2).mean().sqrt()) * to_mev,
     }
 
 
@@ -50,16 +71,17 @@ def retained(trial: dict[str, float], base: dict[str, float]) -> dict[str, float
         result[f"retained_{name.replace('_mae_', '_mae_increase_').replace('_rmse_', '_rmse_increase_')}"] = (
             value - base[name]
         )
-        result[f"retained_{_unitless(name)}_ratio"] = value / base[name] if base[name] > 0 else math.inf
+        result[f"retained_{unitless(name)}_ratio"] = value / base[name] if base[name] > 0 else math.inf
     return result
 
 
-def _unitless(name: str) -> str:
+def unitless(name: str) -> str:
+    """`force_mae_meV_per_A` -> `force_mae`."""
     return name.split("_meV")[0]
 
 
 def base_errors(
-    checkpoint: Path, dataset: pet.Dataset, device: torch.device, key: dict[str, object]
+    checkpoint: Path, dataset: mtt.Dataset, labels: mtt.Labels, device: torch.device, key: dict[str, object]
 ) -> tuple[dict[str, float], bool]:
     """The base model's errors on the original set, computed once per (checkpoint, data).
 
@@ -71,7 +93,7 @@ def base_errors(
     cached = cache_root() / "base-errors" / f"{digest}.json"
     if cached.is_file():
         return json.loads(cached.read_text())["errors"], True
-    result = errors(pet.load_checkpoint(checkpoint), dataset, device)
+    result = errors(mtt.load_checkpoint(checkpoint), dataset, labels, device)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{digest[:6]}.tmp")
     tmp.write_text(json.dumps({"key": key, "errors": result}, indent=2))

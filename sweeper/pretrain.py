@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from sweeper import embedded, pet
+from sweeper import embedded
+from sweeper import metatrain as mtt
 from sweeper.evaluate import errors
 
 MODEL_HYPERS = {
@@ -46,29 +47,29 @@ VALIDATION_STRUCTURES = 16
 
 def pretrain(output: Path, epochs: int, threads: int, model_hypers: dict = MODEL_HYPERS) -> dict:
     torch.set_num_threads(threads)
-    pet.seed_everything(embedded.SEED)
+    mtt.seed_everything(embedded.SEED)
     paths = embedded.ensure_datasets()
-    labels = pet.Labels()
-    dataset, target_info = pet.read_dataset(paths["original"], labels)
+    labels = mtt.Labels()
+    dataset, target_info = mtt.read_dataset(paths["original"], labels)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(embedded.SEED))
     val_set = torch.utils.data.Subset(dataset, order[:VALIDATION_STRUCTURES].tolist())
     train_set = torch.utils.data.Subset(dataset, order[VALIDATION_STRUCTURES:].tolist())
 
-    info = pet.dataset_info(pet.atomic_types([dataset]), target_info, labels.length_unit)
-    model = pet.new_model(model_hypers, info)
-    hypers = pet.training_hypers({**TRAINING_HYPERS, "num_epochs": epochs}, None, labels)
+    info = mtt.dataset_info(mtt.atomic_types([dataset]), target_info, labels.length_unit)
+    model = mtt.new_model(model_hypers, info)
+    hypers = mtt.training_hypers({**TRAINING_HYPERS, "num_epochs": epochs}, None, [labels])
 
     def report(epoch: int, row: dict[str, float]) -> None:
         print(f"epoch {epoch:4d}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if "val" in k))
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        result = pet.train(model, hypers, train_set, val_set, torch.device("cpu"), Path(workdir), report)
+        result = mtt.train(model, hypers, [train_set], [val_set], torch.device("cpu"), Path(workdir), report)
     seconds = time.perf_counter() - start
     output.parent.mkdir(parents=True, exist_ok=True)
-    pet.save_checkpoint(result, model, output)
+    mtt.save_checkpoint(result, model, output)
 
-    base = pet.load_checkpoint(output)
+    base = mtt.load_checkpoint(output)
     card = {
         "recipe": "python -m sweeper.pretrain",
         "recipe_version": embedded.RECIPE_VERSION,
@@ -78,11 +79,11 @@ def pretrain(output: Path, epochs: int, threads: int, model_hypers: dict = MODEL
         "best_epoch": result.best_epoch,
         "training_seconds": round(seconds, 1),
         "threads": threads,
-        "metatrain_version": pet.METATRAIN_VERSION,
+        "metatrain_version": mtt.METATRAIN_VERSION,
         "torch_version": torch.__version__,
-        "parameters": pet.parameter_count(base)[0],
+        "parameters": mtt.parameter_count(base)[0],
         "training_data": {"file": paths["original"].name, "sha256": embedded.file_sha256(paths["original"])},
-        "errors_on_training_set": errors(base, dataset, torch.device("cpu")),
+        "errors_on_training_set": errors(base, dataset, labels, torch.device("cpu")),
         "checkpoint_sha256": embedded.file_sha256(output),
     }
     output.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

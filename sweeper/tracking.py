@@ -1,14 +1,17 @@
 """MLflow: one run per trial, never left RUNNING.
 
 A run ends FINISHED when the trial returns, FAILED (with the error as a tag and an
-artifact) when it raises, KILLED on Ctrl-C. Per-epoch metrics go out in one `log_batch`
-call per epoch (about 50x faster than a call per value).
+artifact) when it raises, KILLED on Ctrl-C or SIGTERM (with the reason as a tag).
+Per-epoch metrics go out in one `log_batch` call per epoch (about 50x faster than a call
+per value).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import logging
 import os
 import subprocess
 import time
@@ -16,15 +19,38 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import optuna
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from sweeper.config import ConfigError, redact
+from sweeper.config import ConfigError
+from sweeper.secrets import redact
+from sweeper.signals import Terminated, stop_wins
+
+# MLflow's and Optuna's INFO lines ("Creating initial MLflow database tables...", "A new study
+# created in RDB") are not for our console, which shows progress and results; warnings stay.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# MLflow 3's UI opens an experiment on its GenAI overview unless it is a model-training one.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    """A structure file a trial saw, as an MLflow dataset input (the runs table's Dataset column)."""
+
+    name: str  # e.g. finetune-train
+    context: str  # training, validation, test, original
+    path: str
+    sha256: str
+    structures: int
 
 
 class TrialRun:
@@ -42,6 +68,22 @@ class TrialRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
+
+    def log_datasets(self, files: list[DatasetFile]) -> None:
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=f.name,
+                    digest=f.sha256[:36],  # MLflow's digest column holds 36 characters
+                    source_type="local",
+                    source=json.dumps({"uri": str(Path(f.path).resolve())}),
+                    profile=json.dumps({"num_rows": f.structures, "sha256": f.sha256}),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, f.context)],
+            )
+            for f in files
+        ]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
@@ -70,9 +112,11 @@ def connect(uri: str, experiment: str) -> str:
             f"tracking.uri {redact(uri)!r}: cannot reach MLflow ({type(error).__name__}: {error})"
         ) from None
     if found is not None:
+        if EXPERIMENT_KIND not in found.tags:  # made before we tagged ours, or by hand
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return found.experiment_id
     try:
-        return client.create_experiment(experiment)
+        return client.create_experiment(experiment, tags={EXPERIMENT_KIND: MODEL_TRAINING})
     except MlflowException:  # another controller, started at the same time, created it first
         if (found := client.get_experiment_by_name(experiment)) is None:
             raise
@@ -131,10 +175,13 @@ def trial_run(
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         mlflow.log_params(params)
-        yield trial
+        with stop_wins():  # a signal that native code turned into an error
+            yield trial
         status = RunStatus.to_string(RunStatus.FINISHED)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:  # Ctrl-C, SIGTERM (scancel, docker stop)
         status = RunStatus.to_string(RunStatus.KILLED)
+        with contextlib.suppress(Exception):
+            trial.set_tags({"error": f"interrupted: {stop or 'Ctrl-C'}"})
         raise
     except optuna.TrialPruned as pruned:
         status = RunStatus.to_string(RunStatus.KILLED)  # stopped on purpose, not broken

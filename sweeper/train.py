@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from sweeper import pet
+from sweeper import metatrain as mtt
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def hypers(cfg: Any, strategy: dict, labels: pet.Labels) -> dict:
-    """Our `train.*` keys in metatrain's PET trainer vocabulary."""
+def hypers(cfg: Any, strategy: dict, labels: list[mtt.Labels]) -> dict:
+    """Our `train.*` keys in metatrain's PET trainer vocabulary (one `labels` per training set)."""
     train = cfg.train
     overrides = {
         "num_epochs": train.epochs,
@@ -28,7 +28,10 @@ def hypers(cfg: Any, strategy: dict, labels: pet.Labels) -> dict:
         "checkpoint_interval": 10**9,  # epoch 0 still writes one: each trial has its own dir
         "num_workers": 0,  # no loader processes: deterministic and cheap for small sets
     }
-    return pet.training_hypers(overrides, strategy, labels)
+    weights = mtt.LossWeights(
+        **{name: float(train.loss_weights[name]) for name in ("energy", "forces", "stress")}
+    )
+    return mtt.training_hypers(overrides, strategy, labels, weights)
 
 
 class EarlyStopping:
@@ -51,20 +54,20 @@ class EarlyStopping:
         if metric < self.best:
             self.best, self.best_epoch = metric, epoch
         elif self.patience is not None and epoch - self.best_epoch >= self.patience:
-            raise pet.StopTraining(epoch, f"no improvement for {self.patience} epochs")
+            raise mtt.StopTraining(epoch, f"no improvement for {self.patience} epochs")
 
 
 def fine_tune(
-    model: pet.PET,
+    model: mtt.PET,
     cfg: Any,
     strategy: dict,
-    labels: pet.Labels,
-    train_set: pet.Dataset,
-    val_set: pet.Dataset,
+    labels: list[mtt.Labels],
+    train_sets: list[mtt.Dataset],
+    val_sets: list[mtt.Dataset],
     device: torch.device,
     workdir: Path,
     on_epoch: EpochCallback,
-) -> pet.TrainResult:
+) -> mtt.TrainResult:
     """Train `model` in place; returns the best-validation weights and where it stopped."""
     stopper = EarlyStopping(cfg.train.early_stopping_patience)
 
@@ -73,6 +76,6 @@ def fine_tune(
         stopper(epoch, row)
 
     schedule = (str(cfg.train.scheduler.value), cfg.train.step_size, cfg.train.gamma)
-    return pet.train(
-        model, hypers(cfg, strategy, labels), train_set, val_set, device, workdir, each_epoch, schedule
+    return mtt.train(
+        model, hypers(cfg, strategy, labels), train_sets, val_sets, device, workdir, each_epoch, schedule
     )

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import postgres_server
 import pytest
 from ase.io import read, write
 from mlflow.tracking import MlflowClient
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from sweeper import config, embedded
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["outside_data"]  # data and base models that are not ours (tests/outside_data.py)
 
 config.register()
 
@@ -182,19 +184,12 @@ def chromium(tmp_path: Path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-@contextlib.contextmanager
-def postgres_database(prefix: str) -> Iterator[str]:
-    """A fresh database on the machine's PostgreSQL (127.0.0.1:5432, trust auth); yields its URL."""
-    import uuid
-
-    import psycopg2
-
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {name}")
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[postgres_server.Server]:
+    """A PostgreSQL server: the one $PET_LORA_SWEEPER_TEST_POSTGRES names, else a throwaway one for the
+    session (tests/postgres_server.py); `postgres.database(prefix)` makes a fresh database on it."""
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+        with postgres_server.configured_or_throwaway() as server:
+            yield server
+    except postgres_server.NoPostgreSQL as missing:
+        pytest.skip(str(missing))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,16 @@ def test_compose_wires_postgres_mlflow_dashboard_and_gpu_workers() -> None:
     assert "USER sweeper" in (DOCKER / "worker.Dockerfile").read_text()
 
 
+def test_images_run_as_their_user_on_what_the_tests_run() -> None:
+    mlflow = (DOCKER / "mlflow.Dockerfile").read_text()
+    (artifacts,) = [v for v in compose()["services"]["mlflow"]["volumes"] if v.startswith("artifacts:")]
+    folder = artifacts.split(":")[1]
+    assert f"chown mlflow:mlflow {folder}" in mlflow and "USER mlflow" in mlflow  # writable volume
+    worker = (DOCKER / "worker.Dockerfile").read_text()
+    torch = metadata.version("torch").split("+")[0]
+    assert f"torch=={torch}" in worker, f"the worker image's torch is not the tested {torch}"
+
+
 def test_no_secret_is_written_into_the_images_or_the_compose_file() -> None:
     text = (DOCKER / "compose.yaml").read_text()
     for key in ("PASSWORD", "SECRET_KEY"):
@@ -38,6 +49,13 @@ def test_no_secret_is_written_into_the_images_or_the_compose_file() -> None:
                 assert "${" in line, f"literal secret in compose.yaml: {line.strip()}"
     for dockerfile in DOCKER.glob("*.Dockerfile"):
         assert not re.search(r"(?i)password\s*=", dockerfile.read_text())
+    services = compose()["services"]
+    for name, service in services.items():  # process arguments are visible to every user
+        arguments = " ".join(map(str, service.get("command", [])))
+        assert "PASSWORD" not in arguments and ":${" not in arguments, f"{name}: a password in its command"
+        for value in service.get("environment", {}).values():
+            assert not re.search(r"://[^/@\s]*:\$\{[^}]*PASSWORD", str(value)), f"{name}: a password in a URL"
+    assert services["dashboard"]["ports"] == ["127.0.0.1:8080:8080"]  # no auth: this host only
     ignored = subprocess.run(["git", "check-ignore", "-q", str(DOCKER / ".env")], cwd=DOCKER)
     assert ignored.returncode == 0  # docker/.env never gets committed
 

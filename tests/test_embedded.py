@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from sweeper import embedded, pet
+from sweeper import embedded
+from sweeper import metatrain as mtt
 
 
 def test_datasets_are_deterministic(embedded_paths, tmp_path, monkeypatch) -> None:
@@ -21,7 +22,7 @@ def test_shipped_base_model_was_trained_on_these_data(embedded_paths) -> None:
     card = embedded.base_model_card()
     assert card["training_data"]["sha256"] == embedded.file_sha256(embedded_paths["original"])
     assert card["checkpoint_sha256"] == embedded.file_sha256(embedded.base_model_path())
-    assert card["metatrain_version"].split(".")[:2] == pet.METATRAIN_VERSION.split(".")[:2]
+    assert card["metatrain_version"].split(".")[:2] == mtt.METATRAIN_VERSION.split(".")[:2]
 
 
 def test_shipped_base_model_reproduces_its_recorded_errors(embedded_paths) -> None:
@@ -30,8 +31,9 @@ def test_shipped_base_model_reproduces_its_recorded_errors(embedded_paths) -> No
 
     from sweeper import evaluate
 
-    dataset, _ = pet.read_dataset(embedded_paths["original"], pet.Labels())
-    found = evaluate.errors(pet.load_checkpoint(embedded.base_model_path()), dataset, torch.device("cpu"))
+    dataset, _ = mtt.read_dataset(embedded_paths["original"], mtt.Labels())
+    model = mtt.load_checkpoint(embedded.base_model_path())
+    found = evaluate.errors(model, dataset, mtt.Labels(), torch.device("cpu"))
     assert found == pytest.approx(embedded.base_model_card()["errors_on_training_set"], rel=1e-6)
 
 
@@ -59,8 +61,8 @@ def test_pretrain_recipe_writes_a_usable_checkpoint_and_card(embedded_paths, tmp
     assert card["checkpoint_sha256"] == embedded.file_sha256(output)
     assert card["training_data"]["sha256"] == embedded.file_sha256(embedded_paths["original"])
     assert output.stat().st_size < 5_000_000  # no optimizer state in a base model
-    model = pet.load_checkpoint(output)
-    assert pet.model_atomic_types(model) == [29] and pet.model_targets(model) == ["energy"]
+    model = mtt.load_checkpoint(output)
+    assert mtt.model_atomic_types(model) == [29] and mtt.model_targets(model) == ["energy"]
     assert set(card["errors_on_training_set"]) == {
         "energy_mae_meV_per_atom",
         "energy_rmse_meV_per_atom",

@@ -7,11 +7,14 @@ import math
 import pytest
 import torch
 
-from sweeper import evaluate, pet
+from sweeper import evaluate
+from sweeper import metatrain as mtt
 
 
 def test_mae_and_rmse_in_meV() -> None:
-    errors = evaluate._mae_rmse(torch.tensor([0.003, -0.004], dtype=torch.float64), "force", "meV_per_A")
+    errors = evaluate._mae_rmse(
+        torch.tensor([0.003, -0.004], dtype=torch.float64), "force", "meV_per_A", 1000.0
+    )
     assert errors["force_mae_meV_per_A"] == pytest.approx(3.5)
     assert errors["force_rmse_meV_per_A"] == pytest.approx(math.sqrt((9 + 16) / 2))
 
@@ -31,14 +34,13 @@ def test_errors_match_a_direct_computation(tiny_data) -> None:
     """Our batched metric equals one computed structure by structure."""
     from sweeper import embedded
 
-    model = pet.load_checkpoint(embedded.base_model_path())
-    dataset, _ = pet.read_dataset(tiny_data["validation"], pet.Labels())
-    batched = evaluate.errors(model, dataset, torch.device("cpu"), batch_size=3)
+    model = mtt.load_checkpoint(embedded.base_model_path())
+    dataset, _ = mtt.read_dataset(tiny_data["validation"], mtt.Labels())
+    batched = evaluate.errors(model, dataset, mtt.Labels(), torch.device("cpu"), batch_size=3)
     energy, force = [], []
-    for predicted_e, reference_e, predicted_g, reference_g, atoms in pet.predict(
-        model, dataset, torch.device("cpu"), 1
-    ):
-        energy.append(float((predicted_e - reference_e).abs().sum() / atoms.sum()))
+    for batch in mtt.predict(model, dataset, torch.device("cpu"), 1):
+        (predicted_e, reference_e), (predicted_g, reference_g) = batch.energy, batch.gradient
+        energy.append(float((predicted_e - reference_e).abs().sum() / batch.atoms.sum()))
         force.append((predicted_g - reference_g).abs().reshape(-1))
     assert batched["energy_mae_meV_per_atom"] == pytest.approx(1000 * sum(energy) / len(energy), rel=1e-5)
     assert batched["force_mae_meV_per_A"] == pytest.approx(1000 * float(torch.cat(force).mean()), rel=1e-5)
@@ -47,15 +49,12 @@ def test_errors_match_a_direct_computation(tiny_data) -> None:
 def test_base_errors_are_computed_once_per_key(tiny_data) -> None:
     from sweeper import embedded
 
-    dataset, _ = pet.read_dataset(tiny_data["original"], pet.Labels())
+    labels, cpu = mtt.Labels(), torch.device("cpu")
+    dataset, _ = mtt.read_dataset(tiny_data["original"], labels)
     key = {"checkpoint": "test", "data": str(tiny_data["original"])}
-    first, cached_first = evaluate.base_errors(embedded.base_model_path(), dataset, torch.device("cpu"), key)
-    second, cached_second = evaluate.base_errors(
-        embedded.base_model_path(), dataset, torch.device("cpu"), key
-    )
+    first, cached_first = evaluate.base_errors(embedded.base_model_path(), dataset, labels, cpu, key)
+    second, cached_second = evaluate.base_errors(embedded.base_model_path(), dataset, labels, cpu, key)
     assert (cached_first, cached_second) == (False, True)
     assert first == second
-    _, other = evaluate.base_errors(
-        embedded.base_model_path(), dataset, torch.device("cpu"), {**key, "data": "x"}
-    )
+    _, other = evaluate.base_errors(embedded.base_model_path(), dataset, labels, cpu, {**key, "data": "x"})
     assert other is False

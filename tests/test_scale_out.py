@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SWEEPER, check_nothing_lost_or_duplicated, postgres_database, serve_mlflow, sweep_args
+from conftest import SWEEPER, check_nothing_lost_or_duplicated, serve_mlflow, sweep_args
 from mlflow.tracking import MlflowClient
 
 # Counts and asks under the lock, with a pause between the two that an unlocked
@@ -34,8 +34,9 @@ while True:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_controllers_asking_at_once_never_overshoot_the_budget(backend, tmp_path) -> None:
-    with postgres_database("budget") if backend == "postgresql" else nullcontext() as database:
+def test_controllers_asking_at_once_never_overshoot_the_budget(backend, tmp_path, request) -> None:
+    server = request.getfixturevalue("postgres") if backend == "postgresql" else None
+    with server.database("budget") if server else nullcontext() as database:
         storage = database or f"sqlite:///{tmp_path / 'budget.db'}"
         optuna.create_study(study_name="budget", storage=storage)
         controllers = [
@@ -46,8 +47,8 @@ def test_controllers_asking_at_once_never_overshoot_the_budget(backend, tmp_path
         assert len(trials) == 12 and {t.state.name for t in trials} == {"COMPLETE"}
 
 
-def test_three_controllers_started_at_once_share_one_study(tiny_data, tmp_path) -> None:
-    with postgres_database("optuna") as database, postgres_database("mlflow") as mlflow_store:
+def test_three_controllers_started_at_once_share_one_study(tiny_data, tmp_path, postgres) -> None:
+    with postgres.database("optuna") as database, postgres.database("mlflow") as mlflow_store:
         with serve_mlflow(
             tmp_path, "--artifacts-destination", str(tmp_path / "artifacts"), store=mlflow_store
         ) as url:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from conftest import chromium, needs_chromium, runs, serve_mlflow, sweep_cli
+from conftest import chromium, free_port, needs_chromium, runs, serve_mlflow, sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from selenium.webdriver.support.ui import WebDriverWait
@@ -187,7 +192,8 @@ def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path) -> 
     assert pruned.info.status == "KILLED" and pruned.data.tags["pruned"] == "true"
     assert pruned.data.tags["optuna_state"] == "pruned"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert "adapter" not in {a.path for a in client.list_artifacts(pruned.info.run_id)}
+    logged = {a.path for a in client.list_artifacts(pruned.info.run_id)}
+    assert "adapter" not in logged and "config.yaml" in logged  # what it ran, not what it made
     assert "val_force_mae_meV_per_A" not in pruned.data.metrics  # no final evaluation
     assert pruned.info.run_id not in {v.run_id for v in client.search_model_versions()}
     assert pruned.data.metrics["epoch/val_force_mae_meV_per_A"] > 10 * max(t.value for t in study.trials[:2])
@@ -211,6 +217,42 @@ def test_custom_search_space_adds_parameters(tiny_data, tmp_path, monkeypatch) -
     (trial,) = _study(tmp_path).trials
     (child,) = [r for r in runs(tmp_path) if "trial_number" in r.data.tags]
     assert float(child.data.params["train.weight_decay"]) == pytest.approx(trial.params["train.weight_decay"])
+
+
+def test_the_console_shows_one_line_per_trial_then_the_table_and_where_to_look(rank_sweep) -> None:
+    _, done = rank_sweep
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("study pet-lora (") and "0 of 3 trials done" in lines[0]
+    trial_lines = [line for line in lines if re.match(r"^trial +\d+  ", line)]
+    assert [int(line.split()[1]) for line in trial_lines] == [0, 1, 2]
+    for line in trial_lines:
+        assert (
+            "lora.rank=" in line
+            and "val_force_mae_meV_per_A " in line
+            and "retained_force_mae_ratio " in line
+        )
+        assert re.search(r"complete( infeasible)?  \d+ s$", line)
+    header = lines.index(
+        next(line for line in lines if line.startswith("trial ") and "rank" in line and "state" in line)
+    )
+    assert header == 1 + len(trial_lines) and len(lines[header + 1 : header + 4]) == 3
+    for text in (
+        "objective: minimise val_force_mae_meV_per_A",
+        "workflowType=machine_learning",
+        "python -m sweeper.promote --study pet-lora",
+        "optuna trials --study-name pet-lora",
+        "optuna-dashboard sqlite:///",
+    ):
+        assert text in done.stdout, text
+    console = done.stdout + done.stderr
+    assert "Epoch:" not in console and "[HYDRA]" not in console and "trial finished" not in console
+    for noise in ("FutureWarning", "A new study created", "MLflow database tables"):  # library INFO/warnings
+        assert noise not in console, noise
+    workdir, _ = rank_sweep
+    complete = [t for t in _study(workdir).trials if t.state.name == "COMPLETE"]
+    # The retained-error constraint reaches the sampler the Optuna 5 way (Trial.set_constraint).
+    assert complete and all(len(t.constraints) == 1 for t in complete)
+    assert "study pet-lora:" in done.stderr  # the progress bar, on stderr
 
 
 @pytest.fixture
@@ -242,6 +284,60 @@ def test_mlflow_ui_lists_the_study_and_its_trials(mlflow_server, rank_sweep, tmp
         assert shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+@needs_chromium
+def test_the_printed_link_opens_the_runs_table_with_each_trials_datasets(mlflow_server, rank_sweep, tmp_path):
+    _, done = rank_sweep
+    (page,) = re.findall(r"http://127\.0\.0\.1:5000/(#/experiments/\S+)", done.stdout)
+    browser = chromium(tmp_path)
+    try:
+        browser.get(f"{mlflow_server}/{page}")
+        body = lambda b: b.find_element("tag name", "body").text  # noqa: E731
+        WebDriverWait(browser, 60).until(lambda b: "study pet-lora" in body(b))
+        assert "Token Usage" not in body(browser) and "Dataset" in body(browser)  # the runs table
+        rows = browser.find_elements("css selector", "[role='row']")
+        (parent_row,) = [row for row in rows if "study pet-lora" in row.text]
+        parent_row.find_element("css selector", "button[data-component-id*='runnamecellrenderer']").click()
+        trials = len([r for r in runs(rank_sweep[0]) if "trial_number" in r.data.tags])
+        WebDriverWait(browser, 30).until(lambda b: body(b).count("finetune-train (") == trials)
+    finally:
+        browser.quit()
+
+
+@needs_chromium
+def test_optuna_dashboard_shows_the_finished_study(rank_sweep, tmp_path) -> None:
+    workdir, _ = rank_sweep
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "optuna-dashboard"),  # the `dashboard` extra's command
+            f"sqlite:///{workdir / 'pet-lora.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    browser = chromium(tmp_path)
+    try:
+        body = lambda b: b.find_element("tag name", "body").text  # noqa: E731
+        for _ in range(60):
+            try:
+                browser.get(f"http://127.0.0.1:{port}/dashboard/studies/1/trials")
+                break
+            except Exception:
+                time.sleep(0.5)
+        WebDriverWait(browser, 60).until(lambda b: "pet-lora" in body(b) and "Trial 0" in body(b))
+        numbers = {int(n) for n in re.findall(r"Trial (\d+)", body(browser))}
+        assert numbers == {t.number for t in _study(workdir).trials}
+    finally:
+        browser.quit()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_a_trial_left_running_is_failed_and_retried_with_its_parameters(tiny_data, tmp_path) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config
 
-from sweeper import pet, train
+from sweeper import metatrain as mtt
+from sweeper import train
 
 
 def _row(force_mae: float, energy_mae: float = 1.0) -> dict[str, float]:
@@ -21,7 +22,7 @@ def test_early_stopping_after_patience_epochs_without_improvement() -> None:
     stop(0, _row(10.0))
     stop(1, _row(8.0))
     stop(2, _row(9.0))  # one epoch without improvement
-    with pytest.raises(pet.StopTraining) as raised:
+    with pytest.raises(mtt.StopTraining) as raised:
         stop(3, _row(8.5))  # two
     assert raised.value.epoch == 3 and stop.best_epoch == 1
 
@@ -49,13 +50,13 @@ def test_no_patience_never_stops() -> None:
     ],
 )
 def test_metatrain_keys_become_metric_names_with_units(key: str, unit: str, name: str) -> None:
-    assert pet.metric_name(key, unit) == name
+    assert mtt.metric_name(key, unit) == name
 
 
 def test_hypers_carry_our_training_keys() -> None:
     cfg = compose_config(["train.lr=3e-4", "train.epochs=7", "train.batch_size=5", "train.weight_decay=0.01"])
-    strategy = pet.finetune_strategy("lora", cfg.model.checkpoint, 4, 8.0, ["input_linear"])
-    hypers = train.hypers(cfg, strategy, pet.Labels())
+    strategy = mtt.finetune_strategy("lora", cfg.model.checkpoint, 4, 8.0, ["input_linear"])
+    hypers = train.hypers(cfg, strategy, [mtt.Labels()])
     assert (hypers["learning_rate"], hypers["num_epochs"], hypers["batch_size"]) == (3e-4, 7, 5)
     assert hypers["weight_decay"] == 0.01 and hypers["log_interval"] == 1
     assert hypers["finetune"]["config"] == {"rank": 4, "alpha": 8.0, "target_modules": ["input_linear"]}

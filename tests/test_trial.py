@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -10,7 +11,8 @@ import torch
 from conftest import compose_config, run_cli, runs, tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from sweeper import adapter, embedded, evaluate, pet, trial
+from sweeper import adapter, embedded, evaluate, trial
+from sweeper import metatrain as mtt
 
 FINAL_METRICS = [
     f"{prefix}_{quantity}"
@@ -41,9 +43,9 @@ def cli_trial(tiny_data, tmp_path_factory):
     return workdir, done, run
 
 
-def _val_errors(model: pet.PET, path: Path) -> dict[str, float]:
-    dataset, _ = pet.read_dataset(path, pet.Labels())
-    return evaluate.errors(model, dataset, torch.device("cpu"))
+def _val_errors(model: mtt.PET, path: Path) -> dict[str, float]:
+    dataset, _ = mtt.read_dataset(path, mtt.Labels())
+    return evaluate.errors(model, dataset, mtt.Labels(), torch.device("cpu"))
 
 
 def test_cli_prints_a_summary(cli_trial) -> None:
@@ -53,8 +55,52 @@ def test_cli_prints_a_summary(cli_trial) -> None:
         "original set, fine-tuned",
         "original set, base model",
         run.info.run_id,
+        f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
     ):
         assert text in done.stdout
+
+
+def test_console_shows_an_epoch_bar_and_the_summary_while_metatrains_log_goes_to_the_file(cli_trial) -> None:
+    workdir, done, _ = cli_trial
+    bar = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.startswith("fine-tuning:")]
+    assert bar and "3/3" in bar[-1] and "val MAE E" in bar[-1] and "meV/Å" in bar[-1]
+    console = done.stdout + done.stderr
+    assert "Epoch:" not in console and "Using best model" not in console and "[HYDRA]" not in console
+    assert "best epoch" in done.stdout  # ours, the only one on the console
+    log = next(workdir.glob("outputs/*/*/trial.log")).read_text()
+    assert log.count("Epoch:") == 3 and "validation forces MAE" in log
+
+
+def test_verbose_puts_metatrains_log_on_the_console(tiny_data, tmp_path) -> None:
+    done = run_cli([*tiny_overrides(tiny_data, tmp_path), "train.epochs=1", "verbose=true"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Epoch:" in done.stderr and "trial finished" in done.stdout
+
+
+def test_the_experiment_is_a_model_training_one_and_runs_list_their_datasets(cli_trial, tiny_data) -> None:
+    workdir, _, run = cli_trial
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    assert (
+        client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
+    logged = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(logged) == ["finetune-test", "finetune-train", "finetune-validation", "original"]
+    contexts = {
+        name: [t.value for t in d.tags if t.key == "mlflow.data.context"] for name, d in logged.items()
+    }
+    assert contexts["finetune-train"] == ["training"] and contexts["original"] == ["original"]
+    for name, role in (
+        ("finetune-train", "train"),
+        ("finetune-validation", "validation"),
+        ("original", "original"),
+    ):
+        profile = json.loads(logged[name].dataset.profile)
+        assert profile["sha256"] == run.data.tags[f"data_{role}_sha256"]
+        assert logged[name].dataset.digest == profile["sha256"][:36]
+        assert json.loads(logged[name].dataset.source)["uri"] == str(Path(tiny_data[role]).resolve())
+    assert json.loads(logged["finetune-train"].dataset.profile)["num_rows"] == 8
+    assert json.loads(logged["original"].dataset.profile)["num_rows"] == 6
 
 
 def test_run_is_finished_with_metrics_params_tags_and_artifacts(cli_trial) -> None:
@@ -66,7 +112,7 @@ def test_run_is_finished_with_metrics_params_tags_and_artifacts(cli_trial) -> No
     assert run.data.params["lora.rank"] == "4" and run.data.params["train.epochs"] == "3"
     tags = run.data.tags
     assert tags["base_checkpoint_sha256"] == embedded.file_sha256(embedded.base_model_path())
-    assert tags["metatrain_version"] == pet.METATRAIN_VERSION
+    assert tags["metatrain_version"] == mtt.METATRAIN_VERSION
     assert {"data_train_sha256", "data_validation_sha256", "data_original_sha256"} <= set(tags)
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     history = client.get_metric_history(run.info.run_id, "epoch/val_force_mae_meV_per_A")
@@ -153,7 +199,7 @@ def test_a_failure_mid_training_ends_the_run_failed(tiny_data, tmp_path, monkeyp
 def test_stopping_from_the_epoch_hook_keeps_the_best_epoch(tiny_data, tmp_path, monkeypatch) -> None:
     def stop(epoch: int, row: dict[str, float]) -> None:
         if epoch == 1:
-            raise pet.StopTraining(epoch, "test")
+            raise mtt.StopTraining(epoch, "test")
 
     result = _in_process(tiny_data, tmp_path, monkeypatch, ["train.epochs=5"], on_epoch=stop)
     assert result.epochs_run == 2 and result.best_epoch in (0, 1)
@@ -185,7 +231,7 @@ def test_schedulers_shape_the_learning_rate(scheduler, ratio, tiny_data, tmp_pat
 def test_other_methods_save_what_trained_and_reapply(method, tiny_data, tmp_path, monkeypatch) -> None:
     result = _in_process(tiny_data, tmp_path, monkeypatch, [f"finetune={method}", "train.epochs=2"])
     names = adapter.read_config(result.adapter_dir)["tensors"]
-    base = pet.load_checkpoint(embedded.base_model_path())
+    base = mtt.load_checkpoint(embedded.base_model_path())
     if method == "heads":
         assert names and all("heads" in name or "last_layers" in name for name in names)
     else:

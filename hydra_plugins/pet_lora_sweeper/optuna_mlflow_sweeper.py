@@ -34,7 +34,9 @@ class OptunaMlflowSweeperConf:
     workers_per_gpu: int | None = None  # set: this many workers on each visible GPU
     max_retries: int = 2  # re-runs of a trial whose worker died (SIGKILL, lost machine)
     heartbeat_interval: int = 30  # seconds; a running trial silent for 3x this is failed
-    max_failure_rate: float = 0.0
+    max_failure_rate: float = (
+        0.25  # more failed trials than this stops the sweep (checked from 4 finished; 0: the first)
+    )
     params: dict[str, str] | None = None
     custom_search_space: str | None = None  # "module.function(cfg, trial)"
 

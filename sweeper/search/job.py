@@ -6,24 +6,46 @@ outcome for the controller to tell Optuna.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from sweeper import objective, report, trial
+from sweeper import objective, report, signals, trial
 from sweeper.search.pruning import Reporter
+
+log = logging.getLogger(__name__)
 
 
 def run(
     cfg: Any, output_dir: Path, log_file: Path | None, pruner: optuna.pruners.BasePruner
 ) -> dict[str, Any]:
-    """`{"state": "complete", "values": ..., ...}` or `{"state": "pruned"}`; bad input raises ConfigError."""
-    reporter = Reporter(cfg, pruner)
+    """`{"state": "complete", "values": ..., ...}`, `{"state": "pruned"}` or, for any error
+    (a value its checks reject, CUDA out of memory, ...), `{"state": "fail", "error": ...}`:
+    a failed trial is recorded and the study goes on."""
     try:
-        result = trial.run(cfg, output_dir, on_epoch=reporter, log_file=log_file, on_start=reporter.started)
+        reporter = Reporter(cfg, pruner)
+        with signals.stop_wins():  # a signal that native code turned into an error stops the sweep
+            result = trial.run(
+                cfg, output_dir, on_epoch=reporter, log_file=log_file, on_start=reporter.started
+            )
     except optuna.TrialPruned as pruned:
-        print(f"trial pruned: {pruned}")
+        log.info("trial pruned: %s", pruned)
         return {"state": "pruned"}
-    print(report.summary(cfg, result))
-    return objective.outcome(cfg, result.metrics, result.run_id)
+    except Exception as error:
+        log.exception("trial failed")
+        return {"state": "fail", "error": f"{type(error).__name__}: {error}"}
+    finally:
+        _free_gpu_memory()
+    log.info("%s", report.summary(cfg, result))  # the trial's log; the sweep prints one line per trial
+    return objective.outcome(result.goal, result.metrics, result.run_id)
+
+
+def _free_gpu_memory() -> None:
+    """A worker runs trial after trial: what the allocator cached (after an out-of-memory
+    error above all) goes back before the next one."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -11,6 +11,7 @@ median pruner's settings when one is configured.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Any
 
@@ -18,6 +19,11 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from optuna.trial import TrialState
+
+from sweeper import objective
+from sweeper.search.recovery import UNREACHABLE, storage_retries
+
+log = logging.getLogger(__name__)
 
 CURVE_ATTR = "curve"  # epoch -> fine-tuning metric, for our Pareto-mode rule
 
@@ -32,7 +38,7 @@ class Reporter:
     """The per-epoch hook of one trial inside a study."""
 
     def __init__(self, cfg: Any, pruner: optuna.pruners.BasePruner) -> None:
-        self.metric = cfg.objective.metric
+        self.metric = objective.goal(cfg).metric
         self.pruner = pruner
         self.study = optuna.load_study(
             study_name=cfg.sweep.study_name, storage=cfg.sweep.storage, pruner=pruner
@@ -40,15 +46,27 @@ class Reporter:
         self.trial = optuna.trial.Trial(self.study, cfg.sweep.trial_id)
         self.pareto = len(self.study.directions) > 1
         self.curve: dict[str, float] = {}
+        self.number = cfg.sweep.trial_number
+        self.silent = False
 
     def started(self, run_id: str) -> None:
         """Lets the controller find (and tag) this trial's MLflow run whatever happens."""
-        self.trial.set_user_attr("run_id", run_id)
+        storage_retries(lambda: self.trial.set_user_attr("run_id", run_id), "recording the trial's run", 60.0)
 
     def __call__(self, epoch: int, row: dict[str, float]) -> None:
-        if self.metric not in row:
-            return  # a final-only metric (e.g. retained): nothing to report per epoch
-        value = row[self.metric]
+        if self.metric not in row or self.silent:
+            return  # a final-only metric, or a trial the study no longer counts
+        try:
+            self._report(epoch, row[self.metric])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Failed as stale while this worker still ran (a database outage): training goes
+            # on to its end for MLflow, the study keeps the trial as it is.
+            log.warning("trial %d: the study already finished it; epochs are no longer reported", self.number)
+            self.silent = True
+        except UNREACHABLE as error:  # a database restart: this epoch goes unreported
+            log.warning("epoch %d not reported to the study: %s", epoch, str(error).splitlines()[0])
+
+    def _report(self, epoch: int, value: float) -> None:
         if self.pareto:
             self.curve[str(epoch)] = value
             self.trial.set_user_attr(CURVE_ATTR, self.curve)

@@ -12,12 +12,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.config import redact
+from sweeper.objective import Goal
 from sweeper.search import plots
+from sweeper.secrets import redact
 
 
 def constraints(trial: FrozenTrial) -> list[float]:
-    """Optuna's `constraints_func`: feasible when <= 0; a trial without one is not."""
+    """Optuna's `constraints_func`: feasible when <= 0; a trial that reported none (a study
+    without an original set) is feasible, one that never finished is not."""
     return list(trial.user_attrs.get("constraints", [1.0]))
 
 
@@ -37,10 +39,10 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [min(candidates, key=lambda t: sign * t.value)]
 
 
-def write(study: optuna.Study, sweep_dir: Path, cfg: Any) -> dict[str, Any]:
+def write(study: optuna.Study, sweep_dir: Path, goal: Goal) -> dict[str, Any]:
     """The official plugin's optimization_results.yaml, in the sweep directory."""
     best = best_trials(study)
-    summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name}
+    summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "objective": goal.describe()}
     if len(study.directions) > 1:
         summary["solutions"] = [{"params": t.params, "values": t.values, "number": t.number} for t in best]
     elif best:
@@ -53,7 +55,7 @@ def write(study: optuna.Study, sweep_dir: Path, cfg: Any) -> dict[str, Any]:
 
 
 def log_to_parent(
-    client: MlflowClient, parent: str, study: optuna.Study, summary: dict, sweep_dir: Path, cfg: Any
+    client: MlflowClient, parent: str, study: optuna.Study, summary: dict, sweep_dir: Path, goal: Goal
 ) -> None:
     """The study's run: results, the trials table, the plots and a description."""
     client.log_artifact(parent, str(sweep_dir / "optimization_results.yaml"))
@@ -61,30 +63,24 @@ def log_to_parent(
         table = Path(folder) / "trials.csv"
         study.trials_dataframe().to_csv(table, index=False)
         client.log_artifact(parent, str(table))
-        for path in plots.save(study, Path(folder) / "plots", cfg.objective.metric):
+        for path in plots.save(study, Path(folder) / "plots", goal.metric):
             client.log_artifact(parent, str(path), "plots")
     if summary.get("best_value") is not None:
         client.log_metric(parent, "best_value", float(summary["best_value"]))
         client.set_tag(parent, "best_trial", str(summary["best_trial"]))
-    client.set_tag(parent, "mlflow.note.content", description(study, summary, cfg))
+    client.set_tag(parent, "mlflow.note.content", description(study, summary, goal))
 
 
-def description(study: optuna.Study, summary: dict, cfg: Any) -> str:
+def description(study: optuna.Study, summary: dict, goal: Goal) -> str:
     """The parent run's description in the MLflow UI: the study in a few lines."""
     counts: dict[str, int] = {}
     for trial in study.trials:
         counts[trial.state.name.lower()] = counts.get(trial.state.name.lower(), 0) + 1
-    objective = cfg.objective
-    goal = f"minimise `{objective.metric}`"
-    if len(study.directions) == 1:
-        goal += f" with `{objective.retained_metric}` <= {1 + objective.retained_tolerance:g}"
-    else:
-        goal += f" and `{objective.retained_metric}` (Pareto front)"
     lines = [
         f"Optuna study `{study.study_name}`: {len(study.trials)} trials ("
         + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         + ")",
-        f"sampler {type(study.sampler).__name__}, pruner {type(study.pruner).__name__}; {goal}",
+        f"sampler {type(study.sampler).__name__}, pruner {type(study.pruner).__name__}; {goal.describe()}",
     ]
     if summary.get("best_value") is not None:
         lines.append(
@@ -95,25 +91,63 @@ def description(study: optuna.Study, summary: dict, cfg: Any) -> str:
     return "\n\n".join(lines)
 
 
-def table(study: optuna.Study, cfg: Any, fixed: dict[str, str], storage: str) -> str:
-    """The console summary: best trials first, then where to look."""
-    metric, retained = cfg.objective.metric, cfg.objective.retained_metric
-    rows = [f"{'trial':>5} {'rank':>5} {'alpha':>8} {'lr':>9} {metric:>26} {retained:>26} state"]
+def trial_line(trial: FrozenTrial, goal: Goal, seconds: float) -> str:
+    """One finished trial on the console: number, parameters, errors, state, wall seconds."""
+    metrics = trial.user_attrs.get("metrics", {})
+    params = ", ".join(f"{key}={_fmt(value, 0)}" for key, value in sorted(trial.params.items()))
+    errors = f"{goal.metric} {_fmt(metrics.get(goal.metric), 0, 4)}"
+    if goal.retained_metric is not None:
+        errors += f"  {goal.retained_metric} {_fmt(metrics.get(goal.retained_metric), 0)}"
+    return f"trial {trial.number:>3}  {params}  {errors}  {_state(trial)}  {seconds:.0f} s"
+
+
+def table(study: optuna.Study, goal: Goal, fixed: dict[str, str]) -> str:
+    """The console summary: the best ten trials, one column per searched key."""
+    metric, retained = goal.metric, goal.retained_metric
+    keys = sorted({key for trial in study.trials for key in trial.params})
+    names = [key.rsplit(".", 1)[-1] for key in keys]
+    header = f"{'trial':>5} " + " ".join(f"{name:>10}" for name in names) + f" {metric:>26}"
+    rows = [header + (f" {retained:>26}" if retained else "") + " state"]
     order = sorted(study.trials, key=lambda t: (t.state != TrialState.COMPLETE, not feasible(t), _value(t)))
     for trial in order[:10]:
         metrics = trial.user_attrs.get("metrics", {})
         params = {**{key: _number(value) for key, value in fixed.items()}, **trial.params}
-        state = trial.state.name.lower() + (
-            "" if feasible(trial) or trial.state != TrialState.COMPLETE else " infeasible"
+        row = f"{trial.number:>5} " + " ".join(_fmt(params.get(key), 10) for key in keys)
+        row += f" {_fmt(metrics.get(metric), 26)}" + (
+            f" {_fmt(metrics.get(retained), 26)}" if retained else ""
         )
-        rows.append(
-            f"{trial.number:>5} {_fmt(params.get('lora.rank'))}"
-            f" {_fmt(params.get('lora.alpha'), 8)}"
-            f" {_fmt(params.get('train.lr'), 9)} {_fmt(metrics.get(metric), 26)}"
-            f" {_fmt(metrics.get(retained), 26)} {state}"
-        )
-    rows.append(f"browse: mlflow ui ({redact(cfg.tracking.uri)}); study {study.study_name!r} in {storage}")
+        rows.append(f"{row} {_state(trial)}")
+    rows.append(f"objective: {goal.describe()}")
     return "\n".join(rows)
+
+
+def hints(study: optuna.Study, cfg: Any, experiment_id: str, parent: str, storage: str) -> str:
+    """Where to look next: the study's MLflow run, promotion, Optuna's own tools."""
+    uri = redact(cfg.tracking.uri)
+    page = runs_page(experiment_id)
+    if uri.startswith(("http://", "https://")):
+        browse = f"{uri.rstrip('/')}/{page} (the study's run: {parent})"
+    else:
+        browse = f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
+    name = study.study_name
+    return "\n".join(
+        [
+            f"the study in MLflow: {browse}",
+            f"promote the best adapter: python -m sweeper.promote --study {name}",
+            f"list the trials: optuna trials --study-name {name} --storage {storage}",
+            f"dashboard: optuna-dashboard {storage}   (pip install 'pet-lora-sweeper[dashboard]')",
+        ]
+    )
+
+
+def runs_page(experiment_id: str) -> str:
+    """The experiment's runs table: MLflow 3's UI opens its GenAI overview unless asked."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def _state(trial: FrozenTrial) -> str:
+    infeasible = trial.state == TrialState.COMPLETE and not feasible(trial)
+    return trial.state.name.lower() + (" infeasible" if infeasible else "")
 
 
 def _number(text: str) -> Any:
@@ -130,9 +164,9 @@ def _value(trial: FrozenTrial) -> float:
     return trial.values[0] if trial.values else math.inf
 
 
-def _fmt(value: Any, width: int = 5) -> str:
+def _fmt(value: Any, width: int = 5, digits: int = 3) -> str:
     if value is None:
         return "-".rjust(width)
     if isinstance(value, float):
-        return f"{value:.3g}".rjust(width)
+        return f"{value:.{digits}g}".rjust(width)
     return str(value).rjust(width)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 CONTEXT = multiprocessing.get_context("spawn")  # fresh interpreters: CUDA and threads set per worker
+STOP_WAIT = 20.0  # seconds a stopped worker has to end its trial's run before it is killed
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,16 @@ class Pool:
             done.append((self.busy.pop(index), outcome))
         return done
 
-    def close(self) -> None:
-        for process, connection in self.workers.values():
+    def close(self, stop_running: bool = False) -> None:
+        """Idle workers are told to exit; with `stop_running` (the sweep was stopped) busy ones
+        get SIGTERM too, which ends their trial's MLflow run KILLED before they exit."""
+        for index, (process, connection) in self.workers.items():
+            if stop_running and index in self.busy and process.is_alive():
+                process.terminate()
             with contextlib.suppress(OSError):
                 connection.send(None)
-            process.join(timeout=10)
+        for process, _ in self.workers.values():
+            process.join(timeout=STOP_WAIT)
             if process.is_alive():
                 process.kill()
 
@@ -149,7 +155,13 @@ def _environment(values: dict[str, str]) -> Any:
 
 
 def serve(connection: Connection, log: Path, pruner: Any, conf_dir: Path) -> None:
-    """A worker's life: compose each trial's config, run it in-process, send the outcome."""
+    """A worker's life: compose each trial's config, run it in-process, send the outcome.
+
+    SIGTERM (from the controller when the sweep stops, or from anyone) and the controller's
+    death (SIGKILL included: the kernel sends this worker SIGTERM) end the running trial's
+    MLflow run KILLED, then the worker.
+    """
+    _terminate_with_parent()
     log.parent.mkdir(parents=True, exist_ok=True)
     stream = open(log, "a", buffering=1)  # noqa: SIM115  (the worker's whole life)
     os.dup2(stream.fileno(), 1)  # metatrain, torch and tqdm write here, not over the controller's bar
@@ -159,18 +171,34 @@ def serve(connection: Connection, log: Path, pruner: Any, conf_dir: Path) -> Non
 
     from sweeper import config
     from sweeper.search import job
+    from sweeper.signals import Terminated, terminate_as_exception
 
     config.register()
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"), terminate_as_exception():
         while True:
             try:
                 task = connection.recv()
-            except EOFError:
+            except (EOFError, Terminated):
                 return
             if task is None:
                 return
             overrides, output_dir = task
-            connection.send(_run(compose, job, overrides, Path(output_dir), pruner))
+            try:
+                outcome = _run(compose, job, overrides, Path(output_dir), pruner)
+            except Terminated as stop:
+                print(f"worker stopped mid-trial ({stop})", flush=True)
+                return
+            connection.send(outcome)
+
+
+def _terminate_with_parent() -> None:
+    """Linux: SIGTERM to this worker when its controller dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _run(compose: Any, job: Any, overrides: list[str], output_dir: Path, pruner: Any) -> dict:

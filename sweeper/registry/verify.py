@@ -19,7 +19,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from sweeper import adapter, data, evaluate, models
+from sweeper import adapter, data, evaluate
+from sweeper.registry import models
 
 RTOL = 1e-4
 
@@ -56,11 +57,11 @@ def verify(
             model = adapter.apply(fetched.folder, checkpoint)
         except (models.ModelError, adapter.AdapterError) as error:
             raise VerificationError(str(error)) from None
-    dataset, threads = _validation_set(client, version, label)
+    dataset, labels, threads = _validation_set(client, version, label)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        found = evaluate.errors(model, dataset, torch.device(device))
+        found = evaluate.errors(model, dataset, labels, torch.device(device))
     finally:
         torch.set_num_threads(previous)
     compared, worst = {}, 0.0
@@ -80,8 +81,8 @@ def verify(
     return Verified(compared, worst, checkpoint)
 
 
-def _validation_set(client: MlflowClient, version: ModelVersion, label: str) -> tuple[object, int]:
-    """The trial's validation set (from its logged config) and its thread count."""
+def _validation_set(client: MlflowClient, version: ModelVersion, label: str) -> tuple[object, object, int]:
+    """The trial's validation set (from its logged config), its labels and its thread count."""
     try:
         run = client.get_run(version.run_id)
         with tempfile.TemporaryDirectory() as folder:
@@ -89,7 +90,7 @@ def _validation_set(client: MlflowClient, version: ModelVersion, label: str) -> 
     except (MlflowException, OSError) as error:
         raise VerificationError(f"{label}: cannot read its trial's config.yaml ({error})") from None
     try:
-        dataset, role, sha = data.validation_set(cfg)
+        dataset, labels, role, sha = data.validation_set(cfg)
     except ValueError as error:
         raise VerificationError(f"{label}: its validation data is unusable here ({error})") from None
     logged = run.data.tags.get(f"data_{role}_sha256")
@@ -98,4 +99,4 @@ def _validation_set(client: MlflowClient, version: ModelVersion, label: str) -> 
             f"{label}: data.finetune.{role} {cfg.data.finetune[role]} has sha256 {sha[:12]}…, "
             f"the trial's was {str(logged)[:12]}…"
         )
-    return dataset, int(run.data.tags.get("threads", torch.get_num_threads()))
+    return dataset, labels, int(run.data.tags.get("threads", torch.get_num_threads()))

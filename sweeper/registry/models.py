@@ -1,6 +1,6 @@
 """Use a registered adapter: a model URI to a PET model, an ASE calculator or an exported file.
 
-    from sweeper.models import calculator
+    from sweeper.registry.models import calculator
     atoms.calc = calculator("models:/base_pet_cu-lora@champion")
 
 Any MLflow model URI works (`models:/name@alias`, `models:/name/3`, `models:/<model id>`,
@@ -23,7 +23,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweeper import adapter, embedded, pet
+from sweeper import adapter, embedded
+from sweeper import metatrain as mtt
 from sweeper.embedded import file_sha256
 
 # MLflow draws a progress bar for every two-file download; say so to turn it back on.
@@ -118,25 +119,31 @@ def base_checkpoint(fetched: Fetched, given: str | Path | None = None) -> Path:
     )
 
 
-def load(uri: str, base: str | Path | None = None, merge: bool = False) -> pet.PET:
+def load(uri: str, base: str | Path | None = None, merge: bool = False) -> mtt.PET:
     """The base PET model with the adapter applied, in eval mode (`merge`: LoRA folded in)."""
     with tempfile.TemporaryDirectory(prefix="pet-lora-adapter-") as folder:
         fetched = fetch(uri, Path(folder))
         model = adapter.apply(fetched.folder, base_checkpoint(fetched, base))
-    return pet.merge_lora(model) if merge else model
+    return mtt.merge_lora(model) if merge else model
 
 
 def export(uri: str, path: Path, base: str | Path | None = None) -> Path:
-    """The merged model as a TorchScript file for metatomic's ASE calculator and MD engines."""
-    pet.export(load(uri, base, merge=True), path)
+    """The merged model as a TorchScript file for metatomic's ASE calculator and MD engines.
+
+    Its outputs are the adapted model's targets: a `lora` or `full` adapter of a
+    multi-head base keeps the conservative `energy` (forces and stress by autograd) and
+    not the base's `non_conservative_*` heads, which it did not train.
+    """
+    mtt.export(load(uri, base, merge=True), path)
     return path
 
 
 def calculator(uri: str, base: str | Path | None = None, device: str | None = None) -> Any:
-    """An ASE calculator for the adapted model (metatomic's, on the merged, exported model)."""
+    """An ASE calculator for the adapted model (metatomic's, on the merged, exported model):
+    energy, and forces and stress as its gradients (never a non-conservative head)."""
     from metatomic_ase import MetatomicCalculator
 
-    return MetatomicCalculator(pet.export(load(uri, base, merge=True)), device=device)
+    return MetatomicCalculator(mtt.export(load(uri, base, merge=True)), device=device, non_conservative=False)
 
 
 def _adapter_folder(local: Path, uri: str) -> Path:

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sweeper import adapter
+from sweeper.objective import Goal
 
 CHAMPION, PREVIOUS = "champion", "previous"
 # Not "adapter": MLflow resolves `runs:/<id>/<name>` to a run's logged model of that name,
@@ -33,15 +34,21 @@ def model_name(cfg: Any) -> str:
     return cfg.registry.model_name or f"{Path(cfg.model.checkpoint).stem}-lora"
 
 
-def version_tags(cfg: Any, metrics: dict[str, float], run_id: str, adapter_dir: Path, base_sha: str) -> dict:
+NO_RETAINED_METRIC = "none"  # the retained_metric tag of a study without an original set
+
+
+def version_tags(
+    cfg: Any, goal: Goal, metrics: dict[str, float], run_id: str, adapter_dir: Path, base_sha: str
+) -> dict:
     """Everything a version must say about itself; floats in full precision (repr)."""
     tags: dict[str, str] = {}
     if cfg.sweep.study_name is not None:
         tags |= {"study_name": cfg.sweep.study_name, "trial_number": str(cfg.sweep.trial_number)}
     tags |= {
         "run_id": run_id,
-        "objective_metric": cfg.objective.metric,
-        "retained_metric": cfg.objective.retained_metric,
+        "objective_metric": goal.metric,
+        "retained_metric": goal.retained_metric or NO_RETAINED_METRIC,
+        "retained_tolerance": repr(float(goal.tolerance)),
         "adapter_sha256": adapter.digest(adapter_dir),
         "base_checkpoint_sha256": base_sha,
         "base_checkpoint": str(Path(cfg.model.checkpoint).resolve()),
@@ -51,6 +58,8 @@ def version_tags(cfg: Any, metrics: dict[str, float], run_id: str, adapter_dir: 
         "lora.target_modules": ",".join(cfg.lora.target_modules),
         "lora.init": str(getattr(cfg.lora.init, "value", cfg.lora.init)),
         "train.lr": repr(float(cfg.train.lr)),
+        "energy_reference": str(getattr(cfg.data.finetune.energy_reference, "value", "base")),
+        "targets": ",".join(adapter.read_config(adapter_dir)["targets"]),
     }
     tags |= {name: repr(float(value)) for name, value in metrics.items() if name.startswith(TAGGED_METRICS)}
     return tags

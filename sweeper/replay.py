@@ -1,0 +1,221 @@
+"""Replay: structures of the original set trained on with the fine-tuning data, to forget less.
+
+`finetune.replay.structures` structures of the original file join every training epoch
+through metatrain's own multi-dataset training (a second training set, `repeat` times),
+as metatrain's docs and MACE's multihead fine-tuning recommend. They are the next ones
+of the same fixed-seed permutation whose first `data.original.max_structures` measure
+retained accuracy, so the two sets never overlap.
+
+Labels: `reference` takes the file's own labels; `base` labels the structures with the
+base model's own predictions (MACE's pseudolabel replay, for users who have the
+structures of the original set but not its labels), computed once per checkpoint, data
+and subsample and cached. Either way the replay set carries exactly the label kinds the
+fine-tuning data has (a force term only when it has forces), in the base model's units,
+and with `energy_reference=refit` its energies move to the new reference (the per-element
+offsets added), or the two training sets would disagree by exactly those offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.io import read, write
+
+from sweeper import data, subsample
+from sweeper import metatrain as mtt
+from sweeper.config import ConfigError, ReplayLabels
+from sweeper.embedded import cache_root, file_sha256
+
+FORMAT = 1  # bump when the cached replay files would differ
+# Neutral keys: ASE and metatrain give `energy`, `forces` and `stress` special meanings.
+ENERGY, FORCES, STRESS, VIRIAL = "replay_energy", "replay_forces", "replay_stress", "replay_virial"
+
+
+@dataclass
+class Replay:
+    dataset: mtt.Dataset
+    labels: mtt.Labels
+    indices: list[int]  # of the original file
+    repeat: int
+
+    def training_sets(self) -> list[mtt.Dataset]:
+        return [self.dataset] * self.repeat
+
+
+def wanted(cfg: Any) -> bool:
+    return cfg.finetune.replay.structures > 0
+
+
+def check(cfg: Any) -> tuple[set[int], list[int]]:
+    """What replay needs, checked before anything trains; returns the replay structures'
+    species and their indices in the original file.
+
+    One-line errors: no room for both disjoint sets in the file, reference labels the
+    fine-tuning data has and the original set lacks (or a replay structure without them),
+    another energy unit than the base's.
+    """
+    replay, original, finetune = cfg.finetune.replay, cfg.data.original, cfg.data.finetune
+    if original.max_structures is None:
+        raise ConfigError(
+            "finetune.replay.structures: set data.original.max_structures, the structures that measure "
+            "retained accuracy (replay draws others, disjoint from them)"
+        )
+    if replay.structures < cfg.train.batch_size:  # metatrain draws whole batches from every set
+        raise ConfigError(
+            f"finetune.replay.structures {replay.structures} is fewer than train.batch_size "
+            f"{cfg.train.batch_size} (every training set must fill a batch)"
+        )
+    reference = ReplayLabels(replay.labels) == ReplayLabels.reference
+    if reference:
+        needs = {"forces": finetune.forces, "stress or virial": finetune.stress or finetune.virial}
+        has = {"forces": original.forces, "stress or virial": original.stress or original.virial}
+        for kind, needed in needs.items():
+            if needed and not has[kind]:
+                raise ConfigError(
+                    f"finetune.replay.labels=reference: the fine-tuning data has {kind}, data.original has "
+                    f"none configured (configure them, or finetune.replay.labels=base)"
+                )
+        if original.energy_unit != finetune.energy_unit:
+            raise ConfigError(
+                f"finetune.replay.labels=reference: data.original.energy_unit {original.energy_unit!r} "
+                f"must be the fine-tuning data's {finetune.energy_unit!r} (the base model's) to train on"
+            )
+    try:
+        structures, indices = _structures(cfg)
+    except subsample.TooFewStructures as error:
+        free = max(0, error.count - original.max_structures)
+        raise ConfigError(
+            f"finetune.replay.structures: {original.path} holds {error.count} structures, "
+            f"{original.max_structures} measure retained accuracy (data.original.max_structures) and "
+            f"{replay.structures} were asked for replay, disjoint from them: at most {free}"
+        ) from None
+    species: set[int] = set()
+    labels = data.labels_of(original)
+    for index, atoms in zip(indices, structures(), strict=True):
+        if reference:
+            data.check_labels(
+                atoms, labels, f"data.original.path: {original.path} structure {index}", "data.original"
+            )
+        species.update(int(z) for z in atoms.numbers)
+    return species, indices
+
+
+def load(cfg: Any, checkpoint: str, offsets: dict[int, float], device: torch.device) -> Replay:
+    """The replay training set: labelled, in the fine-tuning data's reference, cached."""
+    replay, finetune = cfg.finetune.replay, cfg.data.finetune
+    structures, indices = _structures(cfg)
+    forces, strain = finetune.forces, finetune.stress or finetune.virial
+    by_base = ReplayLabels(replay.labels) == ReplayLabels.base
+    key = {
+        "format": FORMAT,
+        "data_sha256": file_sha256(cfg.data.original.path),
+        "indices": indices,
+        "labels": str(ReplayLabels(replay.labels).value),
+        "forces": bool(forces),
+        "strain": bool(strain),
+        "offsets": {str(z): value for z, value in sorted(offsets.items())},
+        "metatrain": mtt.METATRAIN_VERSION,
+    }
+    if by_base:  # the numbers depend on the model and where it ran
+        key |= {"checkpoint_sha256": file_sha256(checkpoint), "device": device.type}
+    else:
+        key |= {
+            "keys": [
+                cfg.data.original[name] for name in ("energy_key", "forces_key", "stress_key", "virial_key")
+            ]
+        }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_root() / "replay" / f"{digest}.xyz"
+    if not path.is_file():
+        if by_base:
+            frames = _labelled_by_base(structures(), checkpoint, device, forces, strain)
+        else:
+            frames = [_labelled(atoms, cfg.data.original, forces, strain) for atoms in structures()]
+        _write(path, _shifted(frames, offsets))
+    labels = mtt.Labels(
+        energy_key=ENERGY,
+        energy_unit=finetune.energy_unit,
+        forces_key=FORCES if forces else None,
+        stress_key=STRESS if strain and not by_base and cfg.data.original.stress else None,
+        virial_key=VIRIAL if strain and (by_base or not cfg.data.original.stress) else None,
+        length_unit=finetune.length_unit,
+    )
+    dataset, _ = data.read(path, labels)
+    return Replay(dataset, labels, indices, replay.repeat)
+
+
+def _structures(cfg: Any) -> tuple[Any, list[int]]:
+    """(a function giving the replay structures as ASE Atoms, their indices in the file)."""
+    original, replay = cfg.data.original, cfg.finetune.replay
+    path, after = original.path, original.max_structures
+    subset = subsample.subset_file(path, replay.structures, original.subsample_seed, after=after)
+    if subset is not None:
+        return (lambda: read(subset[0], ":")), subset[1]
+    frames = read(path, ":")  # not extended XYZ: parsed whole
+    subsample.check_room(path, len(frames), replay.structures, after)
+    indices = subsample.choose(len(frames), replay.structures, original.subsample_seed, after)
+    return (lambda: [frames[i] for i in indices]), indices
+
+
+def _labelled(atoms: Atoms, original: Any, forces: bool, strain: bool) -> Atoms:
+    """The structure with its own labels under the replay keys (the kinds the fine-tuning data has)."""
+    info, arrays = data.labels_of_structure(atoms)
+    plain = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    plain.info[ENERGY] = float(info[original.energy_key])
+    if forces:
+        plain.arrays[FORCES] = np.asarray(arrays[original.forces_key], dtype=float)
+    if strain and original.stress:
+        plain.info[STRESS] = _full(info[original.stress_key])
+    elif strain:
+        plain.info[VIRIAL] = _full(info[original.virial_key])
+    return plain
+
+
+def _labelled_by_base(
+    structures: list[Atoms], checkpoint: str, device: torch.device, forces: bool, strain: bool
+) -> list[Atoms]:
+    # Loading a model draws its initial weights: the trial's random stream must not depend on
+    # whether these labels came from the cache.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        predicted = mtt.label(mtt.load_checkpoint(checkpoint), structures, device, forces, strain)
+    frames = []
+    for atoms, labels in zip(structures, predicted, strict=True):
+        plain = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        plain.info[ENERGY] = labels.energy
+        if forces:
+            plain.arrays[FORCES] = labels.forces.numpy()
+        if strain:
+            plain.info[VIRIAL] = labels.virial.numpy()
+        frames.append(plain)
+    return frames
+
+
+def _full(value: Any) -> np.ndarray:
+    """A 3x3 stress or virial from 3x3, 9 or Voigt-6 values (ASE stores stress as Voigt 6)."""
+    value = np.asarray(value, dtype=float)
+    if value.shape == (6,):
+        xx, yy, zz, yz, xz, xy = value
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    return value.reshape(3, 3)
+
+
+def _shifted(frames: list[Atoms], offsets: dict[int, float]) -> list[Atoms]:
+    """Energies moved to the fine-tuning data's reference (energy_reference=refit)."""
+    for atoms in frames:
+        atoms.info[ENERGY] += sum(offsets.get(int(z), 0.0) for z in atoms.numbers)
+    return frames
+
+
+def _write(path: Path, frames: list[Atoms]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.xyz")
+    write(tmp, frames, format="extxyz")
+    tmp.replace(path)  # atomic: parallel trials never read half a file

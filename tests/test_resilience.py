@@ -1,0 +1,404 @@
+"""Every exit path: signals to controllers and workers, failing trials, late results, restarts
+of the database and the tracking server. Afterwards nothing is RUNNING, nothing is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import (
+    SWEEPER,
+    check_nothing_lost_or_duplicated,
+    compose_config,
+    free_port,
+    run_cli,
+    runs,
+    sweep_args,
+    tiny_overrides,
+)
+from mlflow.tracking import MlflowClient
+
+from sweeper import signals, tracking
+from sweeper.search import job
+from sweeper.search.pruning import Reporter
+from sweeper.search.study import StudySweeper
+from sweeper.signals import Terminated, terminate_as_exception
+
+
+def _study(workdir: Path) -> optuna.Study:
+    return optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{workdir / 'pet-lora.db'}")
+
+
+def _start(arguments: list[str], cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [*SWEEPER, *arguments], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_a_trained_epoch(workdir: Path, process: subprocess.Popen, timeout: float = 240) -> str:
+    """The run id of a trial that is RUNNING and has logged an epoch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        with contextlib.suppress(Exception):
+            client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+            for run in runs(workdir):
+                if run.info.status == "RUNNING" and "trial_number" in run.data.tags:
+                    if client.get_metric_history(run.info.run_id, "epoch/train_loss"):
+                        return run.info.run_id
+        time.sleep(0.5)
+    raise AssertionError("no trial trained an epoch in time")
+
+
+def _nothing_running(workdir: Path) -> None:
+    trials = _study(workdir).trials
+    assert not [t.number for t in trials if t.state.name == "RUNNING"]
+    assert not [r.info.run_name for r in runs(workdir) if r.info.status == "RUNNING"]
+
+
+@pytest.mark.parametrize("jobs", [1, 2], ids=["in-process", "workers"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_controller_leaves_nothing_running_and_the_resume_meets_the_budget(
+    signum, jobs, tiny_data, tmp_path
+) -> None:
+    long = sweep_args(
+        tiny_data,
+        tmp_path,
+        "train.epochs=40",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.n_jobs={jobs}",
+        "threads=1",
+    )
+    process = _start(long, tmp_path)
+    run_id = _wait_for_a_trained_epoch(tmp_path, process)
+    stopped_at = time.monotonic()
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert time.monotonic() - stopped_at < 30  # within seconds, not after the trial
+    assert "sweep stopped" in stderr and "Traceback" not in stderr
+    _nothing_running(tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    interrupted = client.get_run(run_id)
+    assert interrupted.info.status == "KILLED" and "interrupted" in interrupted.data.tags["error"]
+    (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
+    assert parent.info.status == "KILLED"
+    trials = _study(tmp_path).trials
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all("interrupted" in t.user_attrs["error"] for t in failed)
+    queued = [t for t in trials if t.state.name == "WAITING"]
+    # Optuna keeps a queued trial's parameters in its system attributes until it runs.
+    requeued = {tuple(sorted(t.system_attrs["fixed_params"].items())) for t in queued}
+    assert requeued >= {tuple(sorted(failed[0].params.items()))}
+    # The same command, shorter epochs: the re-queued trials run, the budget is met.
+    resumed = run_cli(
+        sweep_args(
+            tiny_data,
+            tmp_path,
+            "train.epochs=1",
+            "hydra.sweeper.n_trials=2",
+            f"hydra.sweeper.n_jobs={jobs}",
+            "threads=1",
+        ),
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    check_nothing_lost_or_duplicated(_study(tmp_path), client, 2)
+
+
+def _asked_trial(tiny_data, workdir: Path, storage: str, name: str):
+    """(study, trial, the trial's config): a trial asked of a new study, as a sweep hands it out."""
+    study = optuna.create_study(study_name=name, storage=storage)
+    trial = study.ask()
+    cfg = compose_config(
+        [
+            *tiny_overrides(tiny_data, workdir),
+            f"sweep.study_name={name}",
+            f"sweep.storage={storage}",
+            f"sweep.trial_id={trial._trial_id}",
+            f"sweep.trial_number={trial.number}",
+        ]
+    )
+    return study, trial, cfg
+
+
+def _native_call(signum: int) -> None:
+    """Native code around the signal's handler, as TorchScript's argument conversion was in CI
+    (a SIGTERM ended a trial FAIL with "Expected a value of type 'Any' for argument 'names'"):
+    it catches the handler's exception and raises a RuntimeError of its own."""
+    try:
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler runs here
+    except BaseException:
+        raise RuntimeError("Expected a value of type 'Any' for argument 'names'") from None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_that_native_code_turns_into_an_error_still_stops_the_trial(
+    signum, tiny_data, tmp_path, monkeypatch
+) -> None:
+    stop = KeyboardInterrupt if signum == signal.SIGINT else Terminated
+    experiment = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "native")
+    with terminate_as_exception(), pytest.raises(stop):
+        with tracking.trial_run(experiment, "t0", {}, {}, False, None) as run:
+            _native_call(signum)
+    ended = MlflowClient().get_run(run.run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["error"].startswith("interrupted")
+    # job.run returns any other error as a failed trial; a stop goes through, to be queued again.
+    monkeypatch.setattr(job.trial, "run", lambda *args, **kwargs: _native_call(signum))
+    _, _, cfg = _asked_trial(tiny_data, tmp_path, f"sqlite:///{tmp_path / 'study.db'}", "native")
+    with terminate_as_exception(), pytest.raises(stop):
+        job.run(cfg, tmp_path, None, optuna.pruners.NopPruner())
+    signals.raise_pending()  # nothing stale after the block
+    # In training (deferred), the handler only records; a safe point raises; a second signal at once.
+    with terminate_as_exception(), pytest.raises(stop):
+        with signals.deferred():
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)  # the handler ran and did not raise
+            with pytest.raises(stop):
+                os.kill(os.getpid(), signum)
+                time.sleep(5)
+            signals.raise_pending()
+    # Native code that swallows the stop whole: the next epoch's end raises it.
+    with terminate_as_exception(), pytest.raises(stop):
+        with contextlib.suppress(RuntimeError):
+            _native_call(signum)
+        signals.raise_pending()
+    with pytest.raises(RuntimeError):  # with no signal, the same error is the trial's failure
+        with terminate_as_exception(), tracking.trial_run(experiment, "t1", {}, {}, False, None):
+            raise RuntimeError("a real failure")
+
+
+def test_sigterm_to_a_worker_ends_its_run_and_its_trial_is_retried(tiny_data, tmp_path) -> None:
+    arguments = sweep_args(
+        tiny_data,
+        tmp_path,
+        "train.epochs=12",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "threads=1",
+    )
+    process = _start(arguments, tmp_path)
+    run_id = _wait_for_a_trained_epoch(tmp_path, process)
+    workers = subprocess.run(
+        ["pgrep", "-P", str(process.pid), "-f", "multiprocessing.spawn"], capture_output=True, text=True
+    ).stdout.split()
+    assert len(workers) == 2
+    for pid in workers:  # which worker runs it does not matter: both are mid-trial
+        os.kill(int(pid), signal.SIGTERM)
+        break
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_nothing_lost_or_duplicated(_study(tmp_path), client, 2)
+    stopped = [r for r in runs(tmp_path) if r.info.status != "FINISHED" and "trial_number" in r.data.tags]
+    assert [r.info.status for r in stopped] == ["KILLED"]  # the worker ended its run on the way out
+    assert run_id in {r.info.run_id for r in runs(tmp_path)}
+    retried = [t for t in _study(tmp_path).trials if "retry_of" in t.user_attrs]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+
+
+def test_sigkill_of_the_controller_is_cleaned_up_by_the_next_one(tiny_data, tmp_path) -> None:
+    beat = "hydra.sweeper.heartbeat_interval=5"  # stale after 3 missed beats: 15 s, not 90
+    arguments = sweep_args(
+        tiny_data, tmp_path, "train.epochs=40", "hydra.sweeper.n_trials=2", "threads=1", beat
+    )
+    process = _start(arguments, tmp_path)
+    run_id = _wait_for_a_trained_epoch(tmp_path, process)
+    process.kill()
+    process.communicate(timeout=60)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody could end it
+    resumed = run_cli(
+        sweep_args(tiny_data, tmp_path, "train.epochs=1", "hydra.sweeper.n_trials=2", "threads=1", beat),
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    orphan = client.get_run(run_id)
+    assert orphan.info.status == "FAILED"
+    reasons = ("left running by an earlier process", "stopped sending heartbeats")  # no beat / a stale one
+    assert any(reason in orphan.data.tags["error"] for reason in reasons), orphan.data.tags["error"]
+    check_nothing_lost_or_duplicated(_study(tmp_path), client, 2)
+    (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("jobs", [1, 2], ids=["in-process", "workers"])
+def test_a_trial_that_fails_is_a_failed_trial_and_the_sweep_goes_on(jobs, tiny_data, tmp_path) -> None:
+    """One of two validation files is missing: its trial fails with the reason in Optuna and
+    MLflow, the other completes, and one failure does not stop the sweep."""
+    missing = tmp_path / "missing.xyz"
+    choice = f"data.finetune.validation={tiny_data['validation']},{missing}"
+    done = run_cli(
+        sweep_args(
+            tiny_data,
+            tmp_path,
+            choice,
+            "lora.rank=2",
+            "lora.alpha=16",
+            "train.lr=1e-3",
+            "hydra/sweeper/sampler=grid",
+            f"hydra.sweeper.n_jobs={jobs}",
+            "threads=1",
+            "train.epochs=1",
+        ),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = _study(tmp_path).trials
+    # Failures do not count towards the budget: the grid goes round again, the good cell completes.
+    states = [t.state.name for t in trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") >= 1, states
+    (failed,) = [t for t in trials if t.state.name == "FAIL"]
+    assert "ConfigError" in failed.user_attrs["error"] and str(missing) in failed.user_attrs["error"]
+    recorded = [r for r in runs(tmp_path) if r.data.tags.get("trial_number") == str(failed.number)]
+    assert len(recorded) == 1 and recorded[0].info.status == "FAILED"
+    assert str(missing) in recorded[0].data.tags["error"]
+    _nothing_running(tmp_path)
+
+
+def test_a_search_space_a_trial_would_reject_stops_before_the_study(tiny_data, tmp_path) -> None:
+    done = run_cli(sweep_args(tiny_data, tmp_path, "lora.rank=range(0,4)"), cwd=tmp_path, timeout=300)
+    assert done.returncode == 2
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: lora.rank: the search space reaches 0") and "must be >= 1" in line
+    assert not (tmp_path / "pet-lora.db").exists()
+
+
+@pytest.mark.parametrize("space", ["int(interval(0,96))", "range(0,96,2)", "choice(0,2,16)"])
+def test_a_replay_space_below_one_batch_stops_before_the_study(space, tiny_data, tmp_path) -> None:
+    """Replay is off or fills a batch (train.batch_size 4 here): each space reaches 1 or 2."""
+    done = run_cli(
+        sweep_args(tiny_data, tmp_path, f"finetune.replay.structures={space}", "train.batch_size=4"),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: finetune.replay.structures: the search space reaches ") and "batch" in line
+    assert not (tmp_path / "pet-lora.db").exists()
+
+
+def test_a_late_result_is_kept_in_mlflow_and_dropped_by_optuna(tiny_data, tmp_path) -> None:
+    """A trial failed as stale (its heartbeats lost in a database outage) while its worker ran
+    on: its per-epoch reports and its final result arrive after Optuna finished it."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study, trial, cfg = _asked_trial(tiny_data, tmp_path, storage, "late")
+    reporter = Reporter(cfg, optuna.pruners.MedianPruner())
+    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # what a stale heartbeat does
+    reporter(0, {"val_force_mae_meV_per_A": 50.0})  # no error: the trial goes on training
+    reporter(1, {"val_force_mae_meV_per_A": 40.0})
+    assert reporter.silent
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("late"))
+    sweeper = StudySweeper(None, None, "minimize", storage, "late", 1, 1, 0.25, None, None)
+    sweeper.client = client
+    outcome = {
+        "state": "complete",
+        "values": [40.0],
+        "constraints": [],
+        "metrics": {},
+        "run_id": run.info.run_id,
+    }
+    state = sweeper._tell(study, trial, outcome)
+    assert state.name == "FAIL" and study.trials[0].state.name == "FAIL" and study.trials[0].values is None
+    assert client.get_run(run.info.run_id).data.tags["late_result"] == "true"
+
+
+@contextlib.contextmanager
+def _mlflow_server(store: str, port: int, folder: Path) -> Iterator[subprocess.Popen]:
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            store,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(240):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            time.sleep(0.5)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_restarts_of_postgresql_and_the_mlflow_server_mid_sweep_lose_nothing(
+    postgres, tiny_data, tmp_path
+) -> None:
+    if postgres.restart is None:
+        pytest.skip("the configured PostgreSQL server is not ours to restart")
+    port = free_port()
+    with postgres.database("restart_optuna") as optuna_url, postgres.database("restart_mlflow") as mlflow_url:
+        arguments = sweep_args(
+            tiny_data,
+            tmp_path,
+            "train.epochs=8",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.n_jobs=2",
+            "threads=1",
+            "hydra.sweeper.heartbeat_interval=5",
+            f"hydra.sweeper.storage={optuna_url}",
+            f"tracking.uri=http://127.0.0.1:{port}",
+        )
+        server = _mlflow_server(mlflow_url, port, tmp_path)
+        server.__enter__()
+        try:
+            process = _start(arguments, tmp_path)
+            client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+            deadline = time.monotonic() + 240
+            while not [
+                r for r in _all_runs(client) if r.info.status == "RUNNING" and "trial_number" in r.data.tags
+            ]:
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][
+                    -3000:
+                ]
+                time.sleep(1)
+            time.sleep(3)
+            postgres.restart()  # every connection of the sweep and its trials drops
+            time.sleep(2)
+            server.__exit__(None, None, None)  # the tracking server goes away for a few seconds
+            time.sleep(3)
+            server = _mlflow_server(mlflow_url, port, tmp_path)
+            server.__enter__()
+            _, stderr = process.communicate(timeout=900)
+            assert process.returncode == 0, stderr[-3000:]
+            study = optuna.load_study(study_name="pet-lora", storage=optuna_url)
+            check_nothing_lost_or_duplicated(study, client, 4)
+        finally:
+            server.__exit__(None, None, None)
+
+
+def _all_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("pet-lora")
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
