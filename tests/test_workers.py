@@ -3,9 +3,11 @@ and a worker SIGKILLed mid-trial."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from conftest import (
 )
 from mlflow.tracking import MlflowClient
 
+from sweeper import tracking
 from sweeper.search import workers
 
 PASSWORD = "not-a-real-secret-42"
@@ -150,3 +153,29 @@ def test_an_unreachable_tracking_server_stops_the_sweep_before_anything_starts(t
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: tracking.uri 'http://127.0.0.1:")
     assert "unreachable" in done.stderr and not (tmp_path / "pet-lora.db").exists()
+
+
+def test_trials_that_start_together_log_the_same_datasets_without_a_conflict(tmp_path, postgres) -> None:
+    """MLflow's store looks a dataset up, then inserts it: the first trials of a study, started at
+    once by several workers, raced to insert the same dataset and all but one failed."""
+    files = [
+        tracking.DatasetFile(name, name, str(tmp_path / f"{name}.xyz"), f"{i:064x}", 8)
+        for i, name in enumerate(["finetune-train", "finetune-validation", "finetune-test", "original"])
+    ]
+    with postgres.database("mlflow") as store, serve_mlflow(tmp_path, store=store) as url:
+        client = MlflowClient(tracking_uri=url)
+        for attempt in range(3):  # a fresh experiment each time: its first datasets are the race
+            experiment = client.create_experiment(f"race-{attempt}")
+            trials = [tracking.TrialRun(client, client.create_run(experiment).info.run_id) for _ in range(8)]
+            start = threading.Barrier(len(trials))
+            with concurrent.futures.ThreadPoolExecutor(len(trials)) as pool:
+                for done in [pool.submit(_log_at_once, start, trial, files) for trial in trials]:
+                    done.result()  # raises what log_datasets raised
+            for trial in trials:
+                logged = client.get_run(trial.run_id).inputs.dataset_inputs
+                assert sorted(d.dataset.name for d in logged) == sorted(f.name for f in files)
+
+
+def _log_at_once(start: threading.Barrier, trial: tracking.TrialRun, files: list) -> None:
+    start.wait()
+    trial.log_datasets(files)
