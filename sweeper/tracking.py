@@ -83,7 +83,17 @@ class TrialRun:
             )
             for f in files
         ]
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        # MLflow's store looks the datasets up, then inserts those it did not find: trials that
+        # start together race to insert the same dataset, and all but one hit its unique key. The
+        # call is idempotent (what exists is reused), so the losers try again.
+        for attempt in range(_CONFLICT_ATTEMPTS):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as error:
+                if attempt + 1 == _CONFLICT_ATTEMPTS or not _lost_insert_race(error):
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
@@ -98,6 +108,15 @@ class TrialRun:
     @property
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
+
+
+_CONFLICT_ATTEMPTS = 5
+# How PostgreSQL, SQLite and MySQL word a unique-key violation in the error MLflow passes on.
+_UNIQUE_VIOLATION = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry", "IntegrityError")
+
+
+def _lost_insert_race(error: MlflowException) -> bool:
+    return any(marker in str(error) for marker in _UNIQUE_VIOLATION)
 
 
 def connect(uri: str, experiment: str) -> str:
