@@ -37,6 +37,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_the_tests() -> None:
+    """The signal tests press Ctrl-C (SIGINT) as a user does. A shell that starts pytest in the
+    background without job control (`cmd &` in a script) makes it and every process it starts
+    ignore SIGINT; a sweep rightly leaves an ignored SIGINT ignored, so those tests would fail."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # children start with SIGINT's default
+
+
 @pytest.fixture(scope="session")
 def embedded_paths(cache_dir: Path) -> dict[str, Path]:
     return embedded.ensure_datasets()
