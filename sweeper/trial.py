@@ -87,8 +87,6 @@ def run(
     base_targets = mtt.model_targets(base)
 
     # --- 2. the tracked work ------------------------------------------------------------
-    method = Method(cfg.finetune.method).value
-    labels = datasets.labels["finetune"]
     tags = provenance.tags(cfg, base_sha, datasets, device, threads, base_targets)
     params = config.flatten(cfg) | provenance.original_sizes(datasets, replay_indices)
     with tracking.trial_run(
@@ -106,94 +104,122 @@ def run(
         trial.log_text(secrets.redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
         # Training and evaluation: a signal stops them at a safe point, not inside native code.
         with signals.deferred():
-            offsets = _energy_offsets(cfg, base, datasets, device)  # of the base, before it is adapted
-            replayed = replay.load(cfg, cfg.model.checkpoint, offsets, device) if replay.wanted(cfg) else None
-            trial.log_text(provenance.original_indices(datasets, replayed), "original_indices.json")
-            trial.log_datasets(provenance.dataset_files(cfg, datasets, replayed))
-            strategy = mtt.finetune_strategy(
-                method, cfg.model.checkpoint, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules)
-            )
-            info = mtt.dataset_info(mtt.model_atomic_types(base), datasets.target_info, labels.length_unit)
-            zero_b = method == "lora" and cfg.lora.init == config.LoraInit.zero
-            model = mtt.apply_strategy(mtt.restart_for(base, info), strategy, zero_lora_b=zero_b)
-            mtt.add_energy_offsets(model, offsets)
-            total, trainable = mtt.parameter_count(model)
-            targets = mtt.model_targets(model)
-            trial.log_metrics({"parameters": total, "trainable_parameters": trainable})
-            trial.set_tags({"targets": ",".join(targets)})
-
-            clock = _EpochClock()
-
-            def each_epoch(epoch: int, row: dict[str, float]) -> None:
-                signals.raise_pending()
-                clock.tick()
-                trial.log_metrics({f"epoch/{name}": value for name, value in row.items()}, step=epoch)
-                if on_epoch is not None:
-                    on_epoch(epoch, row)
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="pet-lora-trial-") as workdir:
-                result = train.fine_tune(
-                    model,
-                    cfg,
-                    strategy,
-                    [labels] + ([replayed.labels] if replayed else []),
-                    [datasets.train] + (replayed.training_sets() if replayed else []),
-                    [datasets.validation],
-                    device,
-                    Path(workdir),
-                    each_epoch,
-                )
-            train_seconds = time.perf_counter() - start
-            mtt.load_state(model, result.state)
-
-            start = time.perf_counter()
-            metrics = _evaluate(cfg, model, datasets, device, base_sha, offsets)
-            metrics |= energy_reference.as_metrics(offsets, labels.energy_unit)
-            metrics |= {
-                "best_epoch": result.best_epoch,
-                "epochs_run": result.last_epoch + 1,
-                "train_seconds": train_seconds,
-                "evaluation_seconds": time.perf_counter() - start,
-            }
-            if device.type == "cuda":  # training and evaluation: what sizes workers_per_gpu
-                metrics["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
-            if clock.seconds_per_epoch() is not None:
-                metrics["seconds_per_epoch"] = clock.seconds_per_epoch()
+            done = _train_and_evaluate(cfg, trial, base, base_sha, datasets, device, on_epoch)
         adapter_dir = output_dir / "adapter"
         adapter.save(
             adapter_dir,
-            mtt.trainable_tensors(model),
-            method=method,
+            mtt.trainable_tensors(done.model),
+            method=Method(cfg.finetune.method).value,
             rank=cfg.lora.rank,
             alpha=cfg.lora.alpha,
             target_modules=list(cfg.lora.target_modules),
             init=str(config.LoraInit(cfg.lora.init).value),
             base_checkpoint_sha256=base_sha,
-            atomic_types=mtt.model_atomic_types(model),
-            targets=targets,
+            atomic_types=mtt.model_atomic_types(done.model),
+            targets=done.targets,
             base_targets=base_targets,
-            energy_offsets=offsets,
+            energy_offsets=done.offsets,
         )
-        trial.log_metrics(metrics)
+        trial.log_metrics(done.metrics)
         trial.log_artifacts(adapter_dir, "adapter")
-        trial.set_tags({"stopped_early": str(result.last_epoch + 1 < cfg.train.epochs).lower()})
-        registered = _register(cfg, goal, trial, metrics, adapter_dir, base_sha, experiment_id)
+        trial.set_tags({"stopped_early": str(done.epochs_run < cfg.train.epochs).lower()})
+        registered = _register(cfg, goal, trial, done.metrics, adapter_dir, base_sha, experiment_id)
         return TrialResult(
-            metrics=metrics,
+            metrics=done.metrics,
             run_id=trial.run_id,
             experiment_id=experiment_id,
             artifact_uri=trial.artifact_uri,
             adapter_dir=adapter_dir,
-            best_epoch=result.best_epoch,
-            epochs_run=result.last_epoch + 1,
+            best_epoch=done.best_epoch,
+            epochs_run=done.epochs_run,
             goal=goal,
             base_targets=base_targets,
-            targets=targets,
+            targets=done.targets,
             registered=registered,
         )
+
+
+@dataclass
+class _Trained:
+    """The adapted model at its best validation epoch, and what the trial measured."""
+
+    model: mtt.PET
+    offsets: dict[int, float]  # per-element energy shifts of `energy_reference=refit`
+    targets: list[str]
+    best_epoch: int
+    epochs_run: int
+    metrics: dict[str, float]
+
+
+def _train_and_evaluate(
+    cfg: Any,
+    trial: tracking.TrialRun,
+    base: mtt.PET,
+    base_sha: str,
+    datasets: data.Datasets,
+    device: torch.device,
+    on_epoch: EpochCallback | None,
+) -> _Trained:
+    """Adapt the base, fine-tune it with metatrain's trainer, evaluate its best epoch."""
+    method = Method(cfg.finetune.method).value
+    labels = datasets.labels["finetune"]
+    offsets = _energy_offsets(cfg, base, datasets, device)  # of the base, before it is adapted
+    replayed = replay.load(cfg, cfg.model.checkpoint, offsets, device) if replay.wanted(cfg) else None
+    trial.log_text(provenance.original_indices(datasets, replayed), "original_indices.json")
+    trial.log_datasets(provenance.dataset_files(cfg, datasets, replayed))
+    strategy = mtt.finetune_strategy(
+        method, cfg.model.checkpoint, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules)
+    )
+    info = mtt.dataset_info(mtt.model_atomic_types(base), datasets.target_info, labels.length_unit)
+    zero_b = method == "lora" and cfg.lora.init == config.LoraInit.zero
+    model = mtt.apply_strategy(mtt.restart_for(base, info), strategy, zero_lora_b=zero_b)
+    mtt.add_energy_offsets(model, offsets)
+    total, trainable = mtt.parameter_count(model)
+    targets = mtt.model_targets(model)
+    trial.log_metrics({"parameters": total, "trainable_parameters": trainable})
+    trial.set_tags({"targets": ",".join(targets)})
+
+    clock = _EpochClock()
+
+    def each_epoch(epoch: int, row: dict[str, float]) -> None:
+        signals.raise_pending()
+        clock.tick()
+        trial.log_metrics({f"epoch/{name}": value for name, value in row.items()}, step=epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pet-lora-trial-") as workdir:
+        result = train.fine_tune(
+            model,
+            cfg,
+            strategy,
+            [labels] + ([replayed.labels] if replayed else []),
+            [datasets.train] + (replayed.training_sets() if replayed else []),
+            [datasets.validation],
+            device,
+            Path(workdir),
+            each_epoch,
+        )
+    train_seconds = time.perf_counter() - start
+    mtt.load_state(model, result.state)
+
+    start = time.perf_counter()
+    metrics = _evaluate(cfg, model, datasets, device, base_sha, offsets)
+    metrics |= energy_reference.as_metrics(offsets, labels.energy_unit)
+    metrics |= {
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.last_epoch + 1,
+        "train_seconds": train_seconds,
+        "evaluation_seconds": time.perf_counter() - start,
+    }
+    if device.type == "cuda":  # training and evaluation: what sizes workers_per_gpu
+        metrics["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if clock.seconds_per_epoch() is not None:
+        metrics["seconds_per_epoch"] = clock.seconds_per_epoch()
+    return _Trained(model, offsets, targets, result.best_epoch, result.last_epoch + 1, metrics)
 
 
 def _register(
