@@ -270,6 +270,12 @@ def check(cfg: Any) -> None:
             "must be >= 1 or null",
         ),
         ("finetune.replay.structures", cfg.finetune.replay.structures >= 0, "must be >= 0"),
+        (
+            "finetune.replay.structures",
+            cfg.finetune.replay.structures == 0 or cfg.finetune.replay.structures >= cfg.train.batch_size,
+            f"must be 0 (off) or at least train.batch_size {cfg.train.batch_size} (metatrain drops a "
+            "training set's last partial batch)",
+        ),
         ("finetune.replay.repeat", cfg.finetune.replay.repeat >= 1, "must be >= 1"),
         (
             "finetune.replay.structures",

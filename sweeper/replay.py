@@ -68,11 +68,6 @@ def check(cfg: Any) -> tuple[set[int], list[int]]:
             "finetune.replay.structures: set data.original.max_structures, the structures that measure "
             "retained accuracy (replay draws others, disjoint from them)"
         )
-    if replay.structures < cfg.train.batch_size:  # metatrain draws whole batches from every set
-        raise ConfigError(
-            f"finetune.replay.structures {replay.structures} is fewer than train.batch_size "
-            f"{cfg.train.batch_size} (every training set must fill a batch)"
-        )
     reference = ReplayLabels(replay.labels) == ReplayLabels.reference
     if reference:
         needs = {"forces": finetune.forces, "stress or virial": finetune.stress or finetune.virial}

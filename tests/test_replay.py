@@ -135,7 +135,8 @@ def test_a_file_too_small_for_both_sets_is_a_one_line_error(tiny_data, tmp_path,
     with pytest.raises(ConfigError, match="set data.original.max_structures"):
         trial.run(cfg, tmp_path / "out")
     cfg = compose_config(_overrides(tiny_data, tmp_path, "finetune.replay.structures=3"))
-    with pytest.raises(ConfigError, match=r"^finetune.replay.structures 3 is fewer than train.batch_size 4"):
+    below_a_batch = r"^finetune.replay.structures must be 0 \(off\) or at least train.batch_size 4 .*got 3$"
+    with pytest.raises(ConfigError, match=below_a_batch):
         trial.run(cfg, tmp_path / "out")
     assert runs(tmp_path) == []
 

@@ -2,9 +2,10 @@
 
 `grammar.py` reads Hydra's sweep syntax into Optuna distributions. Here the values a
 sampler may draw are checked against the config's own rules (`config.check`): every
-choice, and both ends of a range, applied to the trial's config, so `lora.rank=range(0,4)`
-is a one-line error naming the key instead of a failed trial. One rule has a gap inside a
-range: replay takes 0 structures (off) or at least a batch.
+choice, both ends of a range and, past a 0 that means "off", the smallest value that does
+not, applied to the trial's config, so `lora.rank=range(0,4)` is a one-line error naming
+the key instead of a failed trial, and so is `finetune.replay.structures=int(interval(0,96))`
+(replay is 0 or at least a batch).
 """
 
 from __future__ import annotations
@@ -38,41 +39,18 @@ def check_bounds(space: dict[str, BaseDistribution], trial_cfg: Any) -> None:
             except Exception as error:  # a value of the wrong type for the key
                 message = str(error).splitlines()[0]
                 raise SearchSpaceError(f"{key}: the search space reaches {value!r}: {message}") from None
-        if key == REPLAY_KEY:
-            _check_replay_gap(distribution, trial_cfg.train.batch_size)
-
-
-REPLAY_KEY = "finetune.replay.structures"
-
-
-def _check_replay_gap(distribution: BaseDistribution, batch_size: int) -> None:
-    """Replay is off (0) or fills a batch: metatrain drops a training set's last partial batch."""
-    if isinstance(distribution, CategoricalDistribution):
-        values = [int(v) for v in distribution.choices]
-    elif isinstance(distribution, IntDistribution) and not distribution.log:
-        step = distribution.step
-        first = (
-            distribution.low
-            if distribution.low >= 1
-            else distribution.low + step * -(-(1 - distribution.low) // step)
-        )
-        values = [first] if first <= distribution.high else []
-    else:
-        values = [int(distribution.low)]
-    for value in values:
-        if 0 < value < batch_size:
-            raise SearchSpaceError(
-                f"{REPLAY_KEY}: the search space reaches {value}, which a trial rejects (replay is 0, off, "
-                f"or at least train.batch_size {batch_size} structures): search "
-                f"'choice(0, {batch_size}, 32, 64, 96)' or 'int(interval({batch_size}, 96))'"
-            )
 
 
 def _extremes(distribution: BaseDistribution) -> list[Any]:
-    """The values that decide whether every draw is valid: each choice, or both ends."""
+    """The values that decide whether every draw is valid: each choice, or both ends and,
+    for an integer range from 0 (off), its first value past 0."""
     if isinstance(distribution, CategoricalDistribution):
         return list(distribution.choices)
-    return [distribution.low, distribution.high]
+    values = [distribution.low, distribution.high]
+    if isinstance(distribution, IntDistribution) and distribution.low < 1 <= distribution.high:
+        step = distribution.step  # 1 for a log range
+        values.insert(1, distribution.low + step * -(-(1 - distribution.low) // step))
+    return values
 
 
 def grid_values(key: str, distribution: BaseDistribution) -> list[Any]:
