@@ -4,15 +4,18 @@ and a worker SIGKILLed mid-trial."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import psutil
+import pytest
 from conftest import (
     SWEEPER,
     check_nothing_lost_or_duplicated,
@@ -155,14 +158,17 @@ def test_an_unreachable_tracking_server_stops_the_sweep_before_anything_starts(t
     assert "unreachable" in done.stderr and not (tmp_path / "pet-lora.db").exists()
 
 
-def test_trials_that_start_together_log_the_same_datasets_without_a_conflict(tmp_path, postgres) -> None:
+@pytest.mark.parametrize("where", ["mlflow-server-on-postgresql", "sqlite"])
+def test_trials_that_start_together_log_the_same_datasets_without_a_conflict(
+    where, tmp_path, request
+) -> None:
     """MLflow's store looks a dataset up, then inserts it: the first trials of a study, started at
     once by several workers, raced to insert the same dataset and all but one failed."""
     files = [
         tracking.DatasetFile(name, name, str(tmp_path / f"{name}.xyz"), f"{i:064x}", 8)
         for i, name in enumerate(["finetune-train", "finetune-validation", "finetune-test", "original"])
     ]
-    with postgres.database("mlflow") as store, serve_mlflow(tmp_path, store=store) as url:
+    with _tracking_store(where, tmp_path, request) as url:
         client = MlflowClient(tracking_uri=url)
         for attempt in range(3):  # a fresh experiment each time: its first datasets are the race
             experiment = client.create_experiment(f"race-{attempt}")
@@ -174,6 +180,16 @@ def test_trials_that_start_together_log_the_same_datasets_without_a_conflict(tmp
             for trial in trials:
                 logged = client.get_run(trial.run_id).inputs.dataset_inputs
                 assert sorted(d.dataset.name for d in logged) == sorted(f.name for f in files)
+
+
+@contextlib.contextmanager
+def _tracking_store(where: str, workdir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    if where == "sqlite":  # each trial's process opens the file itself, as workers on one box do
+        yield f"sqlite:///{workdir / 'mlflow.db'}"
+        return
+    postgres = request.getfixturevalue("postgres")
+    with postgres.database("mlflow") as store, serve_mlflow(workdir, store=store) as url:
+        yield url
 
 
 def _log_at_once(start: threading.Barrier, trial: tracking.TrialRun, files: list) -> None:
