@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import postgres_server
 import pytest
 from ase.io import read, write
 from mlflow.tracking import MlflowClient
+from postgres_server import free_port
 
 from sweeper import config, embedded
 
@@ -77,6 +77,15 @@ def tiny_overrides(tiny_data: dict[str, Path], workdir: Path) -> list[str]:
     ]
 
 
+def merged(*groups: list[str] | str) -> list[str]:
+    """Overrides, the last value of a key winning (Hydra refuses a key given twice)."""
+    chosen: dict[str, str] = {}
+    for group in groups:
+        for override in [group] if isinstance(group, str) else group:
+            chosen[override.split("=", 1)[0]] = override
+    return list(chosen.values())
+
+
 def compose_config(overrides: list[str]):
     return config.composed(overrides)
 
@@ -96,6 +105,14 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
     )
 
 
+def trial_cli(overrides: list[str], workdir: Path):
+    """`python -m sweeper` in `workdir`, as a user runs it: it succeeds; (its output, its one run)."""
+    done = run_cli(overrides, cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = runs(workdir)
+    return done, run
+
+
 def sweep_cli(tiny_data: dict[str, Path], workdir: Path, *arguments: str) -> subprocess.CompletedProcess:
     """`python -m sweeper -m` on tiny data, 2 epochs per trial."""
     base = [a for a in tiny_overrides(tiny_data, workdir) if not a.startswith("train.epochs")]
@@ -107,8 +124,7 @@ def sweep_args(tiny_data: dict[str, Path], workdir: Path, *arguments: str) -> li
     replaces the default of its key (e.g. `tracking.uri=http://...`)."""
     defaults = [*tiny_overrides(tiny_data, workdir), "data.original.max_structures=4",
                 "hydra/sweeper/pruner=none", "lora.rank=2,4"]  # fmt: skip
-    chosen = {override.split("=", 1)[0]: override for override in [*defaults, *arguments]}
-    return ["-m", *chosen.values()]
+    return ["-m", *merged(defaults, list(arguments))]
 
 
 def check_nothing_lost_or_duplicated(study: optuna.Study, client: MlflowClient, n_trials: int) -> None:
@@ -142,16 +158,13 @@ def runs(workdir: Path, experiment: str = "pet-lora") -> list:
     return client.search_runs([found.experiment_id])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serve_mlflow(workdir: Path, *options: str, store: str | None = None) -> Iterator[str]:
-    """A real `mlflow server` on loopback over `store` (default `workdir/mlflow.db`); yields its URL."""
-    port, store = free_port(), store or f"sqlite:///{workdir / 'mlflow.db'}"
+def serve_mlflow(
+    workdir: Path, *options: str, store: str | None = None, port: int | None = None
+) -> Iterator[str]:
+    """A real `mlflow server` on loopback over `store` (default `workdir/mlflow.db`), on `port` (default
+    a free one: a restarted server takes its port again); yields its URL."""
+    port, store = port or free_port(), store or f"sqlite:///{workdir / 'mlflow.db'}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *options],
@@ -159,17 +172,18 @@ def serve_mlflow(workdir: Path, *options: str, store: str | None = None) -> Iter
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        for _ in range(240):
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=1).close()
                 break
             except OSError:
                 time.sleep(0.5)
         else:
-            raise RuntimeError("mlflow server did not start in 60 s")
+            raise RuntimeError("mlflow server did not start in 120 s")
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 

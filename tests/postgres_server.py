@@ -110,7 +110,7 @@ def throwaway(pg_ctl: Path) -> Iterator[Server]:
         owner = pwd.getpwnam(_unprivileged_user())
         os.chown(folder, owner.pw_uid, owner.pw_gid)
         as_owner = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
-    data, log, port = folder / "data", folder / "server.log", _free_port()
+    data, log, port = folder / "data", folder / "server.log", free_port()
     run = functools.partial(_run, folder=folder, as_owner=as_owner)
     try:
         initdb_options = f"--username={SUPERUSER} --auth=trust --encoding=UTF8 --locale=C"
@@ -148,7 +148,8 @@ def _run(command: list[str], folder: Path, as_owner: dict[str, Any]) -> None:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}{server_log}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (shared by the tests' servers)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

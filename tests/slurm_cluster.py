@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from postgres_server import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scancel", "sinfo")
 SBIN = ("/usr/sbin", "/sbin")  # Debian keeps the daemons off a user's PATH
@@ -126,8 +128,8 @@ def _configure(folder: Path) -> Cluster:
     settings = {
         "ClusterName": "pet-lora-tests",
         "SlurmctldHost": node,
-        "SlurmctldPort": _free_port(),
-        "SlurmdPort": _free_port(),
+        "SlurmctldPort": free_port(),
+        "SlurmdPort": free_port(),
         "AuthType": "auth/munge",
         "CredType": "cred/munge",
         "AuthInfo": f"socket={folder / 'munge' / 'munge.socket'}",
@@ -248,9 +250,3 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -17,7 +17,7 @@ import optuna
 import pytest
 import torch
 from ase.io import read, write
-from conftest import compose_config, run_cli, runs, tiny_overrides
+from conftest import compose_config, merged, run_cli, runs, tiny_overrides, trial_cli
 from metatomic_ase import MetatomicCalculator
 from mlflow.tracking import MlflowClient
 from outside_data import (
@@ -42,15 +42,6 @@ def _adapter_folder(workdir: Path, run) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter"))
 
 
-def _args(*groups: list[str] | str) -> list[str]:
-    """Overrides, the last value of a key winning (Hydra refuses a key given twice)."""
-    chosen: dict[str, str] = {}
-    for group in groups:
-        for override in [group] if isinstance(group, str) else group:
-            chosen[override.split("=", 1)[0]] = override
-    return list(chosen.values())
-
-
 def _cli(args: list[str], cwd: Path, module: str) -> subprocess.CompletedProcess:
     """A command from a plain shell in `cwd` (MLflow exports the in-process tests' tracking URI)."""
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
@@ -65,9 +56,7 @@ def _cli(args: list[str], cwd: Path, module: str) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def hartree_trial(hartree, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("hartree-trial")
-    done = run_cli(hartree_overrides(hartree, workdir), cwd=workdir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = runs(workdir)
+    done, run = trial_cli(hartree_overrides(hartree, workdir), workdir)
     return workdir, done, run
 
 
@@ -123,7 +112,7 @@ def hartree_sweep(hartree, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("hartree-sweep")
     arguments = [
         "-m",
-        *_args(
+        *merged(
             hartree_overrides(hartree, workdir),
             "lora.rank=2,4",
             "hydra.sweeper.n_trials=3",
@@ -183,9 +172,7 @@ def test_hartree_and_bohr_forces_and_stress_in_meV_match_the_ase_calculator(atom
         "threads=2",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
-    done = run_cli(overrides, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = runs(tmp_path)
+    done, run = trial_cli(overrides, tmp_path)
     model = adapter.apply(_adapter_folder(tmp_path, run), atomic_units["base"])
     calculator = MetatomicCalculator(mtt.export(model), device="cpu")
     energy, force, stress = [], [], []
@@ -213,7 +200,7 @@ def test_hartree_and_bohr_forces_and_stress_in_meV_match_the_ase_calculator(atom
 
 
 def _stress_overrides(tiny_data, stressed, workdir: Path, *extra: str) -> list[str]:
-    return _args(
+    return merged(
         tiny_overrides(tiny_data, workdir),
         f"data.finetune.train={stressed['train']}",
         f"data.finetune.validation={stressed['validation']}",
@@ -230,9 +217,7 @@ def stress_trial(tiny_data, stressed, tmp_path_factory):
     overrides = _stress_overrides(
         tiny_data, stressed, workdir, "data.finetune.stress=true", "train.loss_weights.stress=0.5"
     )
-    done = run_cli(overrides, cwd=workdir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = runs(workdir)
+    done, run = trial_cli(overrides, workdir)
     return workdir, done, run
 
 
@@ -273,9 +258,7 @@ def test_virial_labels_give_the_same_stress_errors(stress_trial, tiny_data, stre
     overrides = _stress_overrides(
         tiny_data, stressed, tmp_path, "data.finetune.virial=true", "train.loss_weights.stress=0.5"
     )
-    done = run_cli(overrides, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = runs(tmp_path)
+    done, run = trial_cli(overrides, tmp_path)
     for name in ("val_stress_mae_meV_per_A3", "val_force_mae_meV_per_A", "val_energy_mae_meV_per_atom"):
         assert run.data.metrics[name] == pytest.approx(stress_run.data.metrics[name], rel=1e-6), name
 
@@ -318,9 +301,7 @@ def test_stress_and_virial_together_or_a_structure_without_cell_are_one_line_err
 @pytest.fixture(scope="module")
 def foundation_trial(foundation, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("foundation-trial")
-    done = run_cli(foundation_overrides(foundation, workdir), cwd=workdir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = runs(workdir)
+    done, run = trial_cli(foundation_overrides(foundation, workdir), workdir)
     return workdir, done, run
 
 
@@ -342,7 +323,7 @@ def test_lora_on_a_multihead_base_keeps_energy_and_says_what_it_dropped(foundati
 def test_heads_fine_tuning_keeps_every_head_of_the_base(foundation, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = compose_config(
-        _args(foundation_overrides(foundation, tmp_path), "finetune=heads", "train.epochs=1")
+        merged(foundation_overrides(foundation, tmp_path), "finetune=heads", "train.epochs=1")
     )
     result = trial.run(cfg, tmp_path / "out")
     assert sorted(result.targets) == ["energy", "non_conservative_force"]
@@ -351,7 +332,7 @@ def test_heads_fine_tuning_keeps_every_head_of_the_base(foundation, tmp_path, mo
 def test_multihead_sweep_promote_export_and_ase(foundation, tmp_path) -> None:
     arguments = [
         "-m",
-        *_args(
+        *merged(
             foundation_overrides(foundation, tmp_path),
             "lora.rank=2,4",
             "hydra.sweeper.n_trials=2",
@@ -428,7 +409,7 @@ def test_refit_absorbs_per_element_shifts_and_measures_retention_in_the_base_ref
 def test_a_sweep_without_an_original_set_optimises_the_metric_alone(tiny_data, tmp_path) -> None:
     arguments = [
         "-m",
-        *_args(
+        *merged(
             tiny_overrides(tiny_data, tmp_path),
             "data.original.path=null",
             "train.epochs=2",
@@ -468,7 +449,7 @@ def test_a_sweep_without_an_original_set_optimises_the_metric_alone(tiny_data, t
 def test_an_objective_the_data_cannot_produce_stops_the_sweep_before_the_study(
     arguments, expected, tiny_data, tmp_path
 ) -> None:
-    done = run_cli(["-m", *_args(tiny_overrides(tiny_data, tmp_path), *arguments)], cwd=tmp_path)
+    done = run_cli(["-m", *merged(tiny_overrides(tiny_data, tmp_path), *arguments)], cwd=tmp_path)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], done.stderr[-2000:]
@@ -489,7 +470,7 @@ def test_a_large_original_file_is_cut_down_before_it_is_parsed(
     write(large, frames, format="extxyz")
     write(tmp_path / "large.traj", frames)  # another format: parsed whole, then subsampled
     cfg = compose_config(
-        _args(
+        merged(
             tiny_overrides(tiny_data, tmp_path),
             f"data.original.path={large}",
             "data.original.max_structures=8",
@@ -505,7 +486,7 @@ def test_a_large_original_file_is_cut_down_before_it_is_parsed(
     monkeypatch.chdir(tmp_path)
     first = trial.run(cfg, tmp_path / "xyz")
     whole = compose_config(
-        _args(
+        merged(
             tiny_overrides(tiny_data, tmp_path),
             f"data.original.path={tmp_path / 'large.traj'}",
             "data.original.max_structures=8",

@@ -8,7 +8,7 @@ import mlflow
 import optuna
 import pytest
 import torch
-from conftest import compose_config, run_cli, runs, tiny_overrides
+from conftest import compose_config, merged, run_cli, runs, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from sweeper import adapter, data, embedded, evaluate, replay, trial
@@ -20,16 +20,8 @@ TIMINGS = {"train_seconds", "evaluation_seconds", "seconds_per_epoch"}
 
 def _overrides(tiny_data, workdir, *extra: str) -> list[str]:
     """Tiny data; 2 of the 6 original structures measure retention, up to 4 others replay."""
-    chosen = {
-        o.split("=", 1)[0]: o
-        for o in [
-            *tiny_overrides(tiny_data, workdir),
-            "train.epochs=2",
-            "data.original.max_structures=2",
-            *extra,
-        ]
-    }
-    return list(chosen.values())
+    defaults = [*tiny_overrides(tiny_data, workdir), "train.epochs=2", "data.original.max_structures=2"]
+    return merged(defaults, list(extra))
 
 
 def _run(tiny_data, tmp_path, monkeypatch, name: str, *extra: str) -> trial.TrialResult:

@@ -4,13 +4,11 @@ of the database and the tracking server. Afterwards nothing is RUNNING, nothing 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -22,6 +20,7 @@ from conftest import (
     free_port,
     run_cli,
     runs,
+    serve_mlflow,
     sweep_args,
     tiny_overrides,
 )
@@ -316,43 +315,6 @@ def test_a_late_result_is_kept_in_mlflow_and_dropped_by_optuna(tiny_data, tmp_pa
     assert client.get_run(run.info.run_id).data.tags["late_result"] == "true"
 
 
-@contextlib.contextmanager
-def _mlflow_server(store: str, port: int, folder: Path) -> Iterator[subprocess.Popen]:
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            store,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-        ],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        for _ in range(240):
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
-                break
-            time.sleep(0.5)
-        yield server
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def test_restarts_of_postgresql_and_the_mlflow_server_mid_sweep_lose_nothing(
     postgres, tiny_data, tmp_path
 ) -> None:
@@ -371,7 +333,10 @@ def test_restarts_of_postgresql_and_the_mlflow_server_mid_sweep_lose_nothing(
             f"hydra.sweeper.storage={optuna_url}",
             f"tracking.uri=http://127.0.0.1:{port}",
         )
-        server = _mlflow_server(mlflow_url, port, tmp_path)
+        # The same port after the restart: the sweep knows the server by its URL.
+        artifacts = ("--artifacts-destination", str(tmp_path / "artifacts"))
+        restartable = functools.partial(serve_mlflow, tmp_path, *artifacts, store=mlflow_url, port=port)
+        server = restartable()
         server.__enter__()
         try:
             process = _start(arguments, tmp_path)
@@ -389,7 +354,7 @@ def test_restarts_of_postgresql_and_the_mlflow_server_mid_sweep_lose_nothing(
             time.sleep(2)
             server.__exit__(None, None, None)  # the tracking server goes away for a few seconds
             time.sleep(3)
-            server = _mlflow_server(mlflow_url, port, tmp_path)
+            server = restartable()
             server.__enter__()
             _, stderr = process.communicate(timeout=900)
             assert process.returncode == 0, stderr[-3000:]

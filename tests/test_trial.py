@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import compose_config, run_cli, runs, tiny_overrides
+from conftest import compose_config, run_cli, runs, tiny_overrides, trial_cli
 from mlflow.tracking import MlflowClient
 
 from sweeper import adapter, embedded, evaluate, trial
@@ -37,9 +37,7 @@ FINAL_METRICS = [
 def cli_trial(tiny_data, tmp_path_factory):
     """`python -m sweeper` on tiny data, as a user runs it."""
     workdir = tmp_path_factory.mktemp("cli")
-    done = run_cli(tiny_overrides(tiny_data, workdir), cwd=workdir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = runs(workdir)
+    done, run = trial_cli(tiny_overrides(tiny_data, workdir), workdir)
     return workdir, done, run
 
 
