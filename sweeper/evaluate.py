@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sweeper import metatrain as mtt
+from sweeper import objective
 from sweeper.embedded import cache_root
 
 # Part of the base-error cache key: bump when `errors` would give other numbers.
@@ -32,13 +33,13 @@ def errors(
     energy, force, stress = [], [], []
     for batch in mtt.predict(model, dataset, device, batch_size):
         predicted, reference = batch.energy
-        energy.append((_in_data_units(predicted, to_data) - reference) / batch.atoms)
+        energy.append((predicted * to_data - reference) / batch.atoms)
         if batch.gradient is not None:
             predicted, reference = batch.gradient
-            force.append((_in_data_units(predicted, to_data) - reference).reshape(-1))
+            force.append((predicted * to_data - reference).reshape(-1))
         if batch.strain is not None:
             predicted, reference = batch.strain
-            difference = _in_data_units(predicted, to_data) - reference
+            difference = predicted * to_data - reference
             stress.append((difference / batch.volumes.reshape(-1, 1, 1)).reshape(-1))
     e, length = labels.energy_unit, labels.length_unit
     result = _mae_rmse(torch.cat(energy), "energy", "meV_per_atom", mtt.units.factor(e, mtt.units.ENERGY))
@@ -49,10 +50,6 @@ def errors(
         to_mev = mtt.units.factor(mtt.units.stress_unit(e, length), mtt.units.STRESS)
         result |= _mae_rmse(torch.cat(stress), "stress", "meV_per_A3", to_mev)
     return result
-
-
-def _in_data_units(predicted: torch.Tensor, factor: float) -> torch.Tensor:
-    return predicted if factor == 1.0 else predicted * factor
 
 
 def _mae_rmse(error: torch.Tensor, quantity: str, unit: str, to_mev: float) -> dict[str, float]:
@@ -68,16 +65,9 @@ def retained(trial: dict[str, float], base: dict[str, float]) -> dict[str, float
     for name, value in trial.items():
         result[f"retained_{name}"] = value
         result[f"base_{name}"] = base[name]
-        result[f"retained_{name.replace('_mae_', '_mae_increase_').replace('_rmse_', '_rmse_increase_')}"] = (
-            value - base[name]
-        )
-        result[f"retained_{unitless(name)}_ratio"] = value / base[name] if base[name] > 0 else math.inf
+        result[f"retained_{objective.increase(name)}"] = value - base[name]
+        result[f"retained_{objective.ratio(name)}"] = value / base[name] if base[name] > 0 else math.inf
     return result
-
-
-def unitless(name: str) -> str:
-    """`force_mae_meV_per_A` -> `force_mae`."""
-    return name.split("_meV")[0]
 
 
 def base_errors(

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.io import read, write
+from ase.stress import voigt_6_to_full_3x3_stress
 
 from sweeper import data, subsample
 from sweeper import metatrain as mtt
@@ -196,10 +197,7 @@ def _labelled_by_base(
 def _full(value: Any) -> np.ndarray:
     """A 3x3 stress or virial from 3x3, 9 or Voigt-6 values (ASE stores stress as Voigt 6)."""
     value = np.asarray(value, dtype=float)
-    if value.shape == (6,):
-        xx, yy, zz, yz, xz, xy = value
-        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
-    return value.reshape(3, 3)
+    return voigt_6_to_full_3x3_stress(value) if value.shape == (6,) else value.reshape(3, 3)
 
 
 def _shifted(frames: list[Atoms], offsets: dict[int, float]) -> list[Atoms]:

@@ -31,11 +31,6 @@ class Labels:
     virial_key: str | None = None  # virial (energy); never both
     length_unit: str = "angstrom"
 
-    @property
-    def has_strain(self) -> bool:
-        """Stress or virial: metatrain trains both as the energy's strain gradient."""
-        return self.stress_key is not None or self.virial_key is not None
-
     def target(self, path: str | Path) -> dict[str, Any]:
         """metatrain's `targets.energy` section for a file holding these labels."""
 

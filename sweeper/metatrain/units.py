@@ -29,12 +29,3 @@ def force_unit(energy_unit: str, length_unit: str) -> str:
 
 def stress_unit(energy_unit: str, length_unit: str) -> str:
     return f"{energy_unit}/{length_unit}^3"
-
-
-def check(energy_unit: str, length_unit: str) -> None:
-    """ValueError naming the unit metatomic does not know."""
-    for unit, to in ((energy_unit, ENERGY), (length_unit, "A")):
-        try:
-            factor(unit, to)
-        except ValueError as error:
-            raise ValueError(f"unit {unit!r}: {error}") from None
