@@ -61,10 +61,18 @@ def final_metrics(cfg: Any) -> set[str]:
         names |= {f"test_{q}" for q in quantities(finetune)}
     if original.path is not None:
         for q in quantities(original):
-            increase = q.replace("_mae_", "_mae_increase_").replace("_rmse_", "_rmse_increase_")
-            ratio = q.split("_meV")[0] + "_ratio"
-            names |= {f"retained_{q}", f"base_{q}", f"retained_{increase}", f"retained_{ratio}"}
+            names |= {f"retained_{q}", f"base_{q}", f"retained_{increase(q)}", f"retained_{ratio(q)}"}
     return names
+
+
+def increase(quantity: str) -> str:
+    """`force_mae_meV_per_A` -> `force_mae_increase_meV_per_A`: fine-tuned minus base."""
+    return quantity.replace("_mae_", "_mae_increase_").replace("_rmse_", "_rmse_increase_")
+
+
+def ratio(quantity: str) -> str:
+    """`force_mae_meV_per_A` -> `force_mae_ratio`: fine-tuned over base, unitless."""
+    return quantity.split("_meV")[0] + "_ratio"
 
 
 def epoch_metrics(cfg: Any) -> set[str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sweeper import tracking
 from sweeper.secrets import redact
 from sweeper.trial import EpochCallback, TrialResult
 
@@ -86,11 +87,7 @@ def summary(cfg: Any, result: TrialResult) -> str:
 
 
 def _browse(cfg: Any, result: TrialResult) -> str:
-    page = f"#/experiments/{result.experiment_id}/runs/{result.run_id}"
-    uri = redact(cfg.tracking.uri)
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {uri} (here), then http://127.0.0.1:5000/{page}"
+    return tracking.ui_link(cfg.tracking.uri, f"#/experiments/{result.experiment_id}/runs/{result.run_id}")
 
 
 def _row(label: str, m: dict[str, float], prefix: str) -> str:

@@ -142,6 +142,14 @@ def connect(uri: str, experiment: str) -> str:
         return found.experiment_id
 
 
+def ui_link(uri: str, page: str) -> str:
+    """Where to see an MLflow UI page: on the tracking server, or how to open a local store's UI."""
+    uri = redact(uri)
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
+
+
 def resolve_uri(given: str | None, configured: str) -> str:
     """A command-line tool's tracking URI: given, else $MLFLOW_TRACKING_URI, else the config's.
 

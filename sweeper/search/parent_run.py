@@ -57,7 +57,7 @@ def tag_child(client: MlflowClient, trial: FrozenTrial, state: TrialState) -> No
 
 def record_failure(
     client: MlflowClient, experiment_id: str, parent: str, study: str, trial: FrozenTrial, reason: str
-) -> str:
+) -> None:
     """A FAILED child run for a trial that failed before its own run existed (a value its
     config checks rejected): every trial of the study shows in MLflow, with its reason."""
     run = client.create_run(
@@ -74,7 +74,6 @@ def record_failure(
     for key, value in trial.params.items():
         client.log_param(run.info.run_id, key, str(value))
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
-    return run.info.run_id
 
 
 def _wait_for_user_attr(study: optuna.Study, key: str, timeout: float) -> Any:

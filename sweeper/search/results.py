@@ -12,14 +12,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper import tracking
 from sweeper.objective import Goal
 from sweeper.search import plots
-from sweeper.secrets import redact
 
 
 def constraints(trial: FrozenTrial) -> list[float]:
-    """Optuna's `constraints_func`: feasible when <= 0; a trial that reported none (a study
-    without an original set) is feasible, one that never finished is not."""
+    """A trial's constraints as it reported them: feasible when <= 0; a trial that reported none
+    (a study without an original set) is feasible, one that never finished is not."""
     return list(trial.user_attrs.get("constraints", [1.0]))
 
 
@@ -123,12 +123,9 @@ def table(study: optuna.Study, goal: Goal, fixed: dict[str, str]) -> str:
 
 def hints(study: optuna.Study, cfg: Any, experiment_id: str, parent: str, storage: str) -> str:
     """Where to look next: the study's MLflow run, promotion, Optuna's own tools."""
-    uri = redact(cfg.tracking.uri)
-    page = runs_page(experiment_id)
-    if uri.startswith(("http://", "https://")):
-        browse = f"{uri.rstrip('/')}/{page} (the study's run: {parent})"
-    else:
-        browse = f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
+    browse = tracking.ui_link(cfg.tracking.uri, runs_page(experiment_id))
+    if cfg.tracking.uri.startswith(("http://", "https://")):
+        browse += f" (the study's run: {parent})"
     name = study.study_name
     return "\n".join(
         [

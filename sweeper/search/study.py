@@ -100,7 +100,6 @@ class StudySweeper:
         self.direction = direction
         self.storage = storage
         self.study_name = study_name
-        self.constrained = False  # set per study: is the retained error a constraint?
         self.n_trials = n_trials
         self.n_jobs = max(1, n_jobs)
         self.max_failure_rate = max_failure_rate
@@ -161,8 +160,6 @@ class StudySweeper:
             study, created = self._open_study(storage, self._directions(goal))
             identity.check(study, fingerprint, shown)
             controller = samplers.controller_index(study)
-        # Pareto mode keeps the retained error as an objective, not also as a constraint.
-        self.constrained = goal.retained_metric is not None and not goal.pareto
         study.sampler = samplers.build(self.sampler_factory, searched, controller)
         client = self.recovery.client = self.client = MlflowClient()
         parent = parent_run.open_run(
@@ -260,13 +257,13 @@ class StudySweeper:
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: dict[str, Any]) -> TrialState:
         """The outcome to Optuna; a trial already finished elsewhere (failed as stale while its
         worker still ran) keeps its state: the late result stays in MLflow only."""
-        if study._storage.get_trial(trial._trial_id).state.is_finished():
+        if (stored := study._storage.get_trial(trial._trial_id).state).is_finished():
             log.warning(
                 "trial %d finished after it was failed as stale: its result stays in MLflow", trial.number
             )
             if (run_id := outcome.get("run_id")) is not None:
                 self.client.set_tag(run_id, "late_result", "true")
-            return study._storage.get_trial(trial._trial_id).state
+            return stored
         if outcome["state"] == "pruned":
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
             return TrialState.PRUNED
@@ -275,7 +272,8 @@ class StudySweeper:
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             return TrialState.FAIL
         trial.set_user_attr("constraints", outcome["constraints"])
-        for index, value in enumerate(outcome["constraints"] if self.constrained else []):
+        # Pareto mode keeps the retained error as an objective, not also as a constraint.
+        for index, value in enumerate([] if self.goal.pareto else outcome["constraints"]):
             trial.set_constraint(str(index), value)  # what Optuna 5's samplers read
         trial.set_user_attr("metrics", outcome["metrics"])
         study.tell(trial, values=outcome["values"], skip_if_finished=True)
