@@ -55,9 +55,7 @@ class Server:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
         self._admin(f"CREATE DATABASE {name}")
         try:
-            yield self.url.set(drivername="postgresql+psycopg2", database=name).render_as_string(
-                hide_password=False
-            )
+            yield self.url.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
         finally:
             self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # a new connection: restarts
 

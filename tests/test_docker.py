@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
+# Each PostgreSQL driver SQLAlchemy may pick, and the pip requirement that brings it with its libpq.
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary"}
+URL_FORMS = ["postgresql", "postgresql+psycopg", "postgresql+psycopg2"]
 
 
 def compose() -> dict:
@@ -25,7 +29,7 @@ def test_compose_wires_postgres_mlflow_dashboard_and_gpu_workers() -> None:
     (gpus,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert gpus["driver"] == "nvidia" and "gpu" in gpus["capabilities"]
     command = " ".join(worker["command"])
-    assert "hydra.sweeper.storage=postgresql" in command and "tracking.uri=http://mlflow:5000" in command
+    assert "hydra.sweeper.storage=postgresql://" in command and "tracking.uri=http://mlflow:5000" in command
     assert "postgresql://" in services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert "basic-auth" in (DOCKER / "mlflow-entrypoint.sh").read_text()
     assert "USER sweeper" in (DOCKER / "worker.Dockerfile").read_text()
@@ -39,6 +43,18 @@ def test_images_run_as_their_user_on_what_the_tests_run() -> None:
     worker = (DOCKER / "worker.Dockerfile").read_text()
     torch = metadata.version("torch").split("+")[0]
     assert f"torch=={torch}" in worker, f"the worker image's torch is not the tested {torch}"
+
+
+def test_every_postgresql_url_form_has_its_driver_in_the_project_and_the_mlflow_image() -> None:
+    """A plain postgresql:// means psycopg 3 with SQLAlchemy 2.1, psycopg2 before: both installed."""
+    drivers = {make_url(f"{form}://u@db/optuna").get_dialect().driver for form in URL_FORMS}
+    wanted = {DRIVER_PACKAGES[driver] for driver in drivers}
+    pyproject = (DOCKER.parent / "pyproject.toml").read_text()
+    required = pyproject.split("\ndependencies = [", 1)[1].split("\n]", 1)[0]  # the worker image's too
+    image = (DOCKER / "mlflow.Dockerfile").read_text()
+    for package in wanted:
+        assert package in required, f"pyproject.toml does not require {package}"
+        assert package in image, f"the MLflow image does not install {package}"
 
 
 def test_no_secret_is_written_into_the_images_or_the_compose_file() -> None:

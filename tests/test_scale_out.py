@@ -12,6 +12,9 @@ import optuna
 import pytest
 from conftest import SWEEPER, check_nothing_lost_or_duplicated, serve_mlflow, sweep_args
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
+
+from sweeper.search.study_lock import StudyLock
 
 # Counts and asks under the lock, with a pause between the two that an unlocked
 # controller would lose the race in.
@@ -45,6 +48,24 @@ def test_controllers_asking_at_once_never_overshoot_the_budget(backend, tmp_path
         assert [c.wait(timeout=300) for c in controllers] == [0, 0, 0, 0]
         trials = optuna.load_study(study_name="budget", storage=storage).trials
         assert len(trials) == 12 and {t.state.name for t in trials} == {"COMPLETE"}
+
+
+def test_every_postgresql_url_form_reaches_the_study_storage_its_lock_and_the_tracking_store(
+    postgres,
+) -> None:
+    """What users type: the plain form (Optuna's and MLflow's docs) and both explicit drivers."""
+    forms = ["postgresql", "postgresql+psycopg", "postgresql+psycopg2"]
+    with postgres.database("forms_optuna") as study_db, postgres.database("forms_mlflow") as tracking_db:
+        for form in forms:
+            storage = make_url(study_db).set(drivername=form).render_as_string(hide_password=False)
+            lock = StudyLock(storage, form)
+            with lock.held():
+                optuna.create_study(study_name=form, storage=storage)
+            lock.close()
+            store = make_url(tracking_db).set(drivername=form).render_as_string(hide_password=False)
+            MlflowClient(tracking_uri=store).create_experiment(form)
+        assert {s.study_name for s in optuna.get_all_study_summaries(study_db)} == set(forms)
+        assert {e.name for e in MlflowClient(tracking_uri=tracking_db).search_experiments()} >= set(forms)
 
 
 def test_three_controllers_started_at_once_share_one_study(tiny_data, tmp_path, postgres) -> None:

@@ -36,7 +36,7 @@ RECIPE_SIZES = [
     ("hydra.sweeper.n_trials=256", "hydra.sweeper.n_trials=4"),
     ("lora.rank=4,8,16,32", "lora.rank=2,4"),
 ]
-RECIPE_STORAGE = "postgresql+psycopg2://sweeper@db-host/optuna"
+RECIPE_STORAGE = "postgresql://sweeper@db-host/optuna"
 RECIPE_TRACKING = "http://mlflow-host:5000"
 RECIPE_VENV = "~/pet-lora-sweeper/.venv/bin/activate"
 N_TRIALS = 4
@@ -54,7 +54,7 @@ def slurm() -> Iterator[slurm_cluster.Cluster]:
 
 
 def test_postgres_role_signs_in_with_pgpassword_alone(postgres: Server) -> None:
-    """What the recipe relies on: a URL without password, and SQLAlchemy + psycopg2 (Optuna's
+    """What the recipe relies on: a URL without password, and SQLAlchemy + libpq (Optuna's
     storage, our study lock) take the password from PGPASSWORD."""
     if os.environ.get(ENVIRONMENT):
         pytest.skip(f"${ENVIRONMENT}'s server may trust every role: the throwaway server asks for passwords")
