@@ -116,6 +116,22 @@ def test_a_signal_to_the_controller_leaves_nothing_running_and_the_resume_meets_
     check_nothing_lost_or_duplicated(_study(tmp_path), client, 2)
 
 
+def test_a_sweep_stopped_before_any_trial_completed_prints_its_one_line(tiny_data, tmp_path) -> None:
+    """No plot can be drawn without a complete trial: the console shows the stop, not Optuna's
+    warnings about it ("There are no complete trials", "does not contain completed trials")."""
+    arguments = sweep_args(tiny_data, tmp_path, "train.epochs=40", "hydra.sweeper.n_trials=1", "threads=1")
+    process = _start(arguments, tmp_path)
+    _wait_for_a_trained_epoch(tmp_path, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    # The progress bar redraws itself with carriage returns: its last state is the line's.
+    console = [line.split("\r")[-1] for line in (stdout + stderr).splitlines()]
+    printed = [line for line in console if line.strip() and not line.startswith("study pet-lora")]
+    stop = "sweep stopped (stopped by SIGTERM)"
+    assert len(printed) == 1 and printed[0].startswith(stop), "\n".join(console)
+
+
 def _asked_trial(tiny_data, workdir: Path, storage: str, name: str):
     """(study, trial, the trial's config): a trial asked of a new study, as a sweep hands it out."""
     study = optuna.create_study(study_name=name, storage=storage)
