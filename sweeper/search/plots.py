@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import matplotlib.pyplot
 import optuna
 import optuna.visualization as interactive
 import optuna.visualization.matplotlib as static
+from optuna.trial import TrialState
 
 matplotlib.use("Agg")  # files only: no display on a cluster node
 log = logging.getLogger(__name__)
@@ -50,13 +52,16 @@ def _plots(
 def save(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
     """Every plot the study's trials allow: one PNG each, and all of them in plots.html.
 
-    plots.html embeds plotly.js once (no CDN: clusters are often offline).
+    plots.html embeds plotly.js once (no CDN: clusters are often offline). Without a complete
+    trial (a sweep stopped early, every trial failed) there is nothing to plot.
     """
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
     folder.mkdir(parents=True, exist_ok=True)
     written, sections = [], []
     for name, (html, png, options) in _plots(study, metric).items():
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _optuna_quiet():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
                 sections.append(
                     html(study, **options).to_html(full_html=False, include_plotlyjs=not sections)
@@ -74,3 +79,15 @@ def save(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
         page.write_text(f"<html><head><meta charset='utf-8'></head><body>{''.join(sections)}</body></html>")
         written.append(page)
     return written
+
+
+@contextlib.contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Optuna logs a warning for each plot its trials do not allow (e.g. no intermediate values):
+    a plot missing from the files says as much, the console has no use for it."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)

@@ -44,8 +44,16 @@ class Recovery:
         self.max_retries = max_retries
         self.client: MlflowClient | None = None  # set once the tracking server is known
 
-    def retry(self, study: optuna.Study, trial: FrozenTrial, reason: str, status: str = "FAILED") -> bool:
-        """End the trial's MLflow run (`status`, with the reason) and queue its parameters again."""
+    def retry(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        reason: str,
+        status: str = "FAILED",
+        quiet: bool = False,
+    ) -> bool:
+        """End the trial's MLflow run (`status`, with the reason) and queue its parameters again
+        (said on the console unless `quiet`)."""
         run_id = trial.user_attrs.get("run_id")
         if run_id is not None and self.client is not None:
             self.client.set_tag(run_id, "error", reason)
@@ -59,9 +67,11 @@ class Recovery:
             user_attrs={RETRIES_ATTR: retries + 1, "retry_of": trial.number},
             skip_if_exists=False,
         )
-        log.warning(
-            "trial %d (%s): re-queued with its parameters, retry %d", trial.number, reason, retries + 1
-        )
+        log.log(
+            logging.INFO if quiet else logging.WARNING,
+            "trial %d (%s): re-queued with its parameters, retry %d",
+            trial.number, reason, retries + 1,
+        )  # fmt: skip
         return True
 
     def stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -92,7 +102,8 @@ class Recovery:
                 continue
             study._storage.set_trial_user_attr(trial_id, ERROR_ATTR, reason)
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            requeued += self.retry(study, trial, reason, status="KILLED")
+            # The sweep's one line on stopping says so: "running trials failed and queued again".
+            requeued += self.retry(study, trial, reason, status="KILLED", quiet=True)
         return requeued
 
 
