@@ -162,6 +162,20 @@ def test_pareto_mode_writes_solutions(tiny_data, tmp_path) -> None:
     summary = yaml.safe_load(results.read_text())
     assert summary["solutions"] and all(len(s["values"]) == 2 for s in summary["solutions"])
     assert len(_study(tmp_path).directions) == 2
+    # objective=pareto brings its own sampler, multi-objective TPE (conf/objective/pareto.yaml)
+    (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
+    assert parent.data.params["sampler"].startswith("TPESampler(") and "multivariate=True" in (
+        parent.data.params["sampler"]
+    )
+
+
+def test_a_sampler_on_the_command_line_wins_over_the_pareto_default(tiny_data, tmp_path) -> None:
+    done = _sweep(
+        tiny_data, tmp_path, "objective=pareto", "hydra/sweeper/sampler=nsgaii", "hydra.sweeper.n_trials=1"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
+    assert parent.data.params["sampler"].startswith("NSGAIISampler(")
 
 
 @pytest.mark.parametrize(

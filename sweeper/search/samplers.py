@@ -36,6 +36,14 @@ def build(
     return factory.func(*factory.args, **keywords)
 
 
+def describe(factory: Any) -> str:
+    """The sampler and its settings, for the parent run: `TPESampler(multivariate=True, ...)`."""
+    if not isinstance(factory, functools.partial):
+        return type(factory).__name__
+    settings = ", ".join(f"{key}={value}" for key, value in sorted(factory.keywords.items()) if key != "seed")
+    return f"{factory.func.__name__}({settings})"
+
+
 class Grid(optuna.samplers.GridSampler):
     """GridSampler without its `study.stop()` when the grid is done: that raises outside
     `study.optimize()`, and our loop already stops at the grid's size."""

@@ -342,7 +342,7 @@ class StudySweeper:
             "study_name": self.study_name,
             "n_trials": self.n_trials,
             "n_jobs": self.n_jobs,
-            "sampler": type(study.sampler).__name__,
+            "sampler": samplers.describe(self.sampler_factory),
             "directions": ",".join(d.name.lower() for d in study.directions),
             "objective": self.goal.describe(),
         }
