@@ -6,6 +6,11 @@ running beforehand.
 Not pytest-postgresql: it runs initdb as the current user, and initdb refuses to run as root (CI
 and the project's machines run as root); here root hands the server to the `postgres` system user
 (or `nobody`).
+
+A throwaway server outlives a session that is killed (SIGKILL, a cancelled CI job): its folder
+records the session's process, and the next session to start one stops and removes the servers of
+sessions that are gone. Nothing else is touched: not a server of a session still running, not a
+PostgreSQL the machine runs itself.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -25,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from sqlalchemy.engine import URL, make_url
 
 ENVIRONMENT = "PET_LORA_SWEEPER_TEST_POSTGRES"  # e.g. postgresql://postgres@127.0.0.1:5432
+FOLDER_PREFIX = "pet-lora-sweeper-postgres-"  # short: the server's socket lives in the folder
+OWNER_FILE = "session.json"  # the process that started the server: {"pid", "started"}
 SUPERUSER = "postgres"
 HBA = f"""local all {SUPERUSER} trust
 host all {SUPERUSER} 127.0.0.1/32 trust
@@ -102,12 +111,13 @@ def find_pg_ctl() -> Path | None:
 @contextlib.contextmanager
 def throwaway(pg_ctl: Path) -> Iterator[Server]:
     """A server of our own for as long as the context lasts, its folder removed afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix="pet-lora-sweeper-postgres-"))  # short: the socket lives here
-    as_owner: dict[str, Any] = {}
+    stop_abandoned(pg_ctl)
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
+    (folder / OWNER_FILE).write_text(json.dumps(_session(os.getpid())))  # before the server exists
     if os.geteuid() == 0:  # initdb and postgres refuse root: run them as an unprivileged user
         owner = pwd.getpwnam(_unprivileged_user())
         os.chown(folder, owner.pw_uid, owner.pw_gid)
-        as_owner = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+    as_owner = _as_owner_of(folder)
     data, log, port = folder / "data", folder / "server.log", free_port()
     run = functools.partial(_run, folder=folder, as_owner=as_owner)
     try:
@@ -126,6 +136,43 @@ def throwaway(pg_ctl: Path) -> Iterator[Server]:
             run([str(pg_ctl), "stop", "-s", "-w", "-m", "fast", "-D", str(data)])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_abandoned(pg_ctl: Path) -> None:
+    """Stop the throwaway servers of sessions that are gone (killed before their clean-up) and
+    remove their folders."""
+    for record in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*/{OWNER_FILE}"):
+        folder = record.parent
+        try:
+            session = json.loads(record.read_text())
+        except (OSError, ValueError):  # being written by a session starting now
+            continue
+        if _session(session["pid"]) == session:
+            continue  # its session is running
+        data = folder / "data"
+        if (data / "postmaster.pid").exists():
+            stop = [str(pg_ctl), "stop", "-s", "-w", "-m", "immediate", "-D", str(data)]
+            with contextlib.suppress(RuntimeError):  # already stopped: nothing to do
+                _run(stop, folder=folder, as_owner=_as_owner_of(folder))
+            if (data / "postmaster.pid").exists():
+                continue  # still running: leave its folder rather than pull it from under it
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _session(pid: int) -> dict[str, float] | None:
+    """What identifies a process across PID reuse: its PID and its start time (None: gone)."""
+    try:
+        return {"pid": pid, "started": psutil.Process(pid).create_time()}
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _as_owner_of(folder: Path) -> dict[str, Any]:
+    """subprocess arguments that run a command as the folder's owner, when we are root."""
+    owner = folder.stat()
+    if os.geteuid() != 0 or owner.st_uid == 0:
+        return {}
+    return {"user": owner.st_uid, "group": owner.st_gid, "extra_groups": []}
 
 
 def _unprivileged_user() -> str:
