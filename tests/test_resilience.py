@@ -283,6 +283,28 @@ def test_a_trial_that_fails_is_a_failed_trial_and_the_sweep_goes_on(jobs, tiny_d
     _nothing_running(tmp_path)
 
 
+def test_a_grid_cell_that_fails_is_tried_once_per_run_of_the_command(tiny_data, tmp_path) -> None:
+    """A cell whose trial fails for a reason in its configuration (here a missing validation file)
+    is not asked again: the grid ends once each cell was tried, the failed one reported; the same
+    command (after the cause is fixed, say) tries the failed cell once more, the others not."""
+    missing = tmp_path / "missing.xyz"
+    arguments = sweep_args(
+        tiny_data, tmp_path, f"data.finetune.validation={tiny_data['validation']},{missing}", "lora.rank=2",
+        "lora.alpha=16", "train.lr=1e-3", "hydra/sweeper/sampler=grid", "threads=1", "train.epochs=1",
+    )  # fmt: skip
+    first = run_cli(arguments, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials = _study(tmp_path).trials
+    cells = [t.params["data.finetune.validation"] for t in trials]
+    assert sorted(cells) == sorted([str(tiny_data["validation"]), str(missing)]), cells  # each once
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
+    assert "grid: 1 of 2 cells failed" in first.stdout and str(missing) in first.stdout, first.stdout
+    again = run_cli(arguments, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    retried = _study(tmp_path).trials[len(trials) :]
+    assert [(t.params["data.finetune.validation"], t.state.name) for t in retried] == [(str(missing), "FAIL")]
+
+
 def test_a_search_space_a_trial_would_reject_stops_before_the_study(tiny_data, tmp_path) -> None:
     done = run_cli(sweep_args(tiny_data, tmp_path, "lora.rank=range(0,4)"), cwd=tmp_path, timeout=300)
     assert done.returncode == 2
