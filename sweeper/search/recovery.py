@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 log = logging.getLogger(__name__)
 WORKER_ATTR = "worker"  # host:pid of the controller running the trial (it keeps its heartbeat)
 RETRIES_ATTR = "retries"
+RETRY_OF_ATTR = "retry_of"  # the number of the failed trial a queued one repeats
 ERROR_ATTR = "error"  # why a trial failed
 OUTAGE = 300.0  # seconds a controller keeps retrying its storage through a database outage
 T = TypeVar("T")
@@ -64,7 +65,7 @@ class Recovery:
             return False
         study.enqueue_trial(
             trial.params,
-            user_attrs={RETRIES_ATTR: retries + 1, "retry_of": trial.number},
+            user_attrs={RETRIES_ATTR: retries + 1, RETRY_OF_ATTR: trial.number},
             skip_if_exists=False,
         )
         log.log(

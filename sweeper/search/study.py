@@ -42,7 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sweeper import objective, secrets, tracking
 from sweeper.config import ConfigError
 from sweeper.config import check as check_values
-from sweeper.search import executors, grammar, identity, parent_run, results, samplers, space
+from sweeper.search import executors, grammar, grid, identity, parent_run, results, samplers, space
 from sweeper.search.recovery import ERROR_ATTR, WORKER_ATTR, Heartbeat, Recovery, storage_retries
 from sweeper.search.study_lock import StudyLock
 from sweeper.secrets import redact
@@ -69,13 +69,14 @@ class Run:
     bar: tqdm
     heartbeat: Heartbeat
     lock: StudyLock  # held while counting the trials and asking for one
+    grid: bool = False  # the budget counts cells tried, failed ones included (grid.py)
 
     def done(self) -> int:
-        return storage_retries(lambda: _count(self.study, DONE), "counting finished trials")
+        return storage_retries(lambda: _done(self.study, self.grid), "counting finished trials")
 
     def committed(self) -> int:
         """Trials that count against the budget: done, or running here or on another machine."""
-        return _count(self.study, (*DONE, TrialState.RUNNING))
+        return _done(self.study, self.grid) + _count(self.study, (TrialState.RUNNING,))
 
 
 class StudySweeper:
@@ -149,7 +150,8 @@ class StudySweeper:
         goal = self.goal = objective.goal(trial_cfg)
         objective.check_pruning(goal, trial_cfg, not isinstance(self.pruner, optuna.pruners.NopPruner))
         fingerprint = identity.of(trial_cfg, goal, searched)
-        n_trials = min(self.n_trials, space.grid_size(searched)) if self._is_grid() else self.n_trials
+        cells = space.grid_size(searched) if self._is_grid() else None
+        n_trials = min(self.n_trials, cells) if cells else self.n_trials
         storage = self.storage or f"sqlite:///{Path.cwd() / self.study_name}.db"
         shown = redact(storage)  # what may be printed or logged: no password
         os.environ[STORAGE_ENV] = storage  # the trials' way to it (workers and jobs inherit it)
@@ -167,21 +169,21 @@ class StudySweeper:
         )
         with lock.held():  # not between another controller's `ask` and its worker tag
             self.recovery.requeue_interrupted(study)
-        print(
-            f"study {self.study_name} ({shown}): {_count(study, DONE)} of {n_trials} trials done; "
-            f"{goal.describe()}"
-        )
+            if cells:
+                grid.requeue_failed(study)  # once per run of the command: their cause may be fixed
+        done = _done(study, bool(cells))
+        print(f"study {self.study_name} ({shown}): {done} of {n_trials} trials done; {goal.describe()}")
 
         status = "FAILED"
         heartbeat = Heartbeat(study, self.heartbeat_interval)
         try:
             with (
-                tqdm(
-                    total=n_trials, initial=_count(study, DONE), desc=f"study {self.study_name}", unit="trial"
-                ) as bar,
+                tqdm(total=n_trials, initial=done, desc=f"study {self.study_name}", unit="trial") as bar,
                 logging_redirect_tqdm(),  # warnings print above the bar, not through it
             ):
-                run = Run(study, searched, fixed, n_trials, parent, experiment_id, bar, heartbeat, lock)
+                run = Run(
+                    study, searched, fixed, n_trials, parent, experiment_id, bar, heartbeat, lock, bool(cells)
+                )
                 execute = executors.in_pool if self._asynchronous() else executors.in_batches
                 execute(self, run)
             status = "FINISHED"
@@ -198,6 +200,8 @@ class StudySweeper:
             self.scrub_hydra_files()
             _release(study)
         print(results.table(study, goal, fixed))
+        if cells and (failed_cells := grid.report(study.trials, cells)):
+            print(failed_cells)
         print(results.hints(study, cfg, experiment_id, parent, shown))
 
     # ------------------------------------------------------------------ trials
@@ -235,6 +239,7 @@ class StudySweeper:
         state = storage_retries(lambda: self._tell(study, trial, outcome), f"telling trial {trial.number}")
         frozen = study._storage.get_trial(trial._trial_id)
         self.finished += 1
+        retried = False
         if outcome["state"] in ("fail", "crash"):
             log.warning("trial %d failed: %s", trial.number, outcome.get("error"))
             retried = outcome["state"] == "crash" and self.recovery.retry(study, frozen, outcome["error"])
@@ -246,7 +251,7 @@ class StudySweeper:
         parent_run.tag_child(self.client, frozen, state)
         seconds = time.monotonic() - self.running.pop(trial._trial_id, time.monotonic())
         run.bar.write(results.trial_line(frozen, self.goal, seconds))
-        run.bar.update(int(state in DONE))
+        run.bar.update(int(state in DONE or (run.grid and not retried and state == TrialState.FAIL)))
         run.bar.set_postfix_str(_best_so_far(study))
         if self._too_many_failures():
             raise RuntimeError(
@@ -348,6 +353,11 @@ class StudySweeper:
         }
         settings |= {f"space.{key}": repr(d) for key, d in searched.items()}
         return settings | {f"fixed.{key}": value for key, value in fixed.items()}
+
+
+def _done(study: optuna.Study, is_grid: bool) -> int:
+    """Trials finished for good; in a grid sweep, cells tried (a failed cell is not asked again)."""
+    return grid.tried(study.get_trials(deepcopy=False)) if is_grid else _count(study, DONE)
 
 
 def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
