@@ -118,15 +118,29 @@ class ReplayConfig:
     """Structures of the original set mixed into every training epoch (metatrain's own
     multi-dataset training), disjoint from those that measure retained accuracy."""
 
-    structures: int = 0  # 0: no replay
+    structures: int = 0  # replayed in each epoch; 0: no replay
+    # null: the same `structures` every epoch; n: a pool of n original structures from which
+    # `structures` are drawn afresh each epoch (seeded): more of the original set is seen at
+    # the per-epoch cost of `structures`
+    pool: int | None = None
     labels: ReplayLabels = ReplayLabels.reference
-    repeat: int = 1  # copies of the replay set per epoch: its weight against the fine-tuning data
+    # draws of `structures` per epoch: replay's share of the epoch's batches, and so of the loss
+    repeat: int = 1
+
+
+@dataclass
+class AnchorConfig:
+    """L2-SP: `weight` x sum of (theta - theta_base)^2 over what trains, added to the training
+    loss (for LoRA: the update scaling x B x A of each adapted layer). Pulls toward the base."""
+
+    weight: float = 0.0  # 0: off
 
 
 @dataclass
 class FinetuneConfig:
     method: Method = Method.lora
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
 
 
 @dataclass
@@ -277,6 +291,17 @@ def check(cfg: Any) -> None:
             "training set's last partial batch)",
         ),
         ("finetune.replay.repeat", cfg.finetune.replay.repeat >= 1, "must be >= 1"),
+        (
+            "finetune.replay.pool",
+            cfg.finetune.replay.pool is None or cfg.finetune.replay.pool >= cfg.finetune.replay.structures,
+            f"must be null or at least finetune.replay.structures {cfg.finetune.replay.structures} "
+            "(the pool each epoch's replay is drawn from)",
+        ),
+        (
+            "finetune.anchor.weight",
+            cfg.finetune.anchor.weight >= 0 and math.isfinite(cfg.finetune.anchor.weight),
+            "must be >= 0",
+        ),
         (
             "finetune.replay.structures",
             cfg.finetune.replay.structures == 0 or cfg.data.original.path is not None,

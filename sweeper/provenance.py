@@ -16,14 +16,18 @@ from sweeper.config import EnergyReference, Method
 
 def run_name(cfg: Any) -> str:
     """Says what the trial is: `r8 a16 lr1e-3`, `t3 r8 a16 lr3e-4` in a sweep, `full lr1e-3`,
-    `r8 a16 lr1e-3 replay64` with 64 replayed structures (`replay64b`: base labels, `x2`: repeat)."""
+    `r8 a16 lr1e-3 replay64` with 64 replayed structures (`replay64b`: base labels, `x2`: repeat,
+    `replay16of256`: 16 drawn each epoch from a pool of 256), `anchor0.01` with an L2-SP weight."""
     lr = f"lr{cfg.train.lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
     method = Method(cfg.finetune.method).value
     name = f"{method} {lr}" if method != "lora" else f"r{cfg.lora.rank} a{cfg.lora.alpha:.3g} {lr}"
     mixed = cfg.finetune.replay
     if mixed.structures:
         labels = "b" if config.ReplayLabels(mixed.labels) == config.ReplayLabels.base else ""
-        name += f" replay{mixed.structures}{labels}" + (f"x{mixed.repeat}" if mixed.repeat > 1 else "")
+        pool = f"of{mixed.pool}" if mixed.pool is not None else ""
+        name += f" replay{mixed.structures}{pool}{labels}" + (f"x{mixed.repeat}" if mixed.repeat > 1 else "")
+    if cfg.finetune.anchor.weight:
+        name += f" anchor{cfg.finetune.anchor.weight:.3g}"
     return name if cfg.sweep.trial_number is None else f"t{cfg.sweep.trial_number} {name}"
 
 

@@ -4,7 +4,11 @@
 through metatrain's own multi-dataset training (a second training set, `repeat` times),
 as metatrain's docs and MACE's multihead fine-tuning recommend. They are the next ones
 of the same fixed-seed permutation whose first `data.original.max_structures` measure
-retained accuracy, so the two sets never overlap.
+retained accuracy, so the two sets never overlap. With `finetune.replay.pool`, that many
+are taken instead and each epoch trains on `structures` of them drawn afresh (seeded):
+metatrain's combined loader visits every batch of every training set each epoch, so the
+per-epoch cost follows `structures x repeat`, while the pool sets how much of the original
+set is seen over the run.
 
 Labels: `reference` takes the file's own labels; `base` labels the structures with the
 base model's own predictions (MACE's pseudolabel replay, for users who have the
@@ -40,19 +44,55 @@ FORMAT = 1  # bump when the cached replay files would differ
 ENERGY, FORCES, STRESS, VIRIAL = "replay_energy", "replay_forces", "replay_stress", "replay_virial"
 
 
+class EpochDraw(torch.utils.data.Dataset):
+    """`size` structures of `pool`, drawn afresh for each epoch from a seeded stream of their own
+    (the trial's torch random stream is not touched, so the rest of the run is unchanged)."""
+
+    def __init__(self, pool: mtt.Dataset, size: int, seed: tuple[int, ...]) -> None:
+        self.pool, self.size, self.seed = pool, size, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([*self.seed, epoch])
+        self.chosen = rng.choice(len(self.pool), self.size, replace=False).tolist()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Any:
+        return self.pool[self.chosen[index]]
+
+
 @dataclass
 class Replay:
-    dataset: mtt.Dataset
+    dataset: mtt.Dataset  # every structure that may be replayed: the pool, or the fixed set
     labels: mtt.Labels
     indices: list[int]  # of the original file
     repeat: int
+    per_epoch: int  # structures of each draw
+    seed: int
+
+    def __post_init__(self) -> None:
+        drawn = self.per_epoch < len(self.indices)
+        self.draws = [EpochDraw(self.dataset, self.per_epoch, (self.seed, c)) for c in range(self.repeat)]
+        self._sets = self.draws if drawn else [self.dataset] * self.repeat
 
     def training_sets(self) -> list[mtt.Dataset]:
-        return [self.dataset] * self.repeat
+        return list(self._sets)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the structures the coming `epoch` replays (a no-op without a pool)."""
+        for draw in self.draws:
+            draw.set_epoch(epoch)
 
 
 def wanted(cfg: Any) -> bool:
     return cfg.finetune.replay.structures > 0
+
+
+def _count(replay: Any) -> int:
+    """Structures taken from the original file: the pool, else the fixed replay set."""
+    return replay.pool if replay.pool is not None else replay.structures
 
 
 def check(cfg: Any) -> tuple[set[int], list[int]]:
@@ -89,9 +129,10 @@ def check(cfg: Any) -> tuple[set[int], list[int]]:
     except subsample.TooFewStructures as error:
         free = max(0, error.count - original.max_structures)
         raise ConfigError(
-            f"finetune.replay.structures: {original.path} holds {error.count} structures, "
+            f"{'finetune.replay.pool' if replay.pool is not None else 'finetune.replay.structures'}: "
+            f"{original.path} holds {error.count} structures, "
             f"{original.max_structures} measure retained accuracy (data.original.max_structures) and "
-            f"{replay.structures} were asked for replay, disjoint from them: at most {free}"
+            f"{_count(replay)} were asked for replay, disjoint from them: at most {free}"
         ) from None
     species: set[int] = set()
     labels = data.labels_of(original)
@@ -145,19 +186,20 @@ def load(cfg: Any, checkpoint: str, offsets: dict[int, float], device: torch.dev
         length_unit=finetune.length_unit,
     )
     dataset, _ = data.read(path, labels)
-    return Replay(dataset, labels, indices, replay.repeat)
+    return Replay(dataset, labels, indices, replay.repeat, replay.structures, cfg.seed)
 
 
 def _structures(cfg: Any) -> tuple[Any, list[int]]:
     """(a function giving the replay structures as ASE Atoms, their indices in the file)."""
     original, replay = cfg.data.original, cfg.finetune.replay
     path, after = original.path, original.max_structures
-    subset = subsample.subset_file(path, replay.structures, original.subsample_seed, after=after)
+    count = _count(replay)
+    subset = subsample.subset_file(path, count, original.subsample_seed, after=after)
     if subset is not None:
         return (lambda: read(subset[0], ":")), subset[1]
     frames = read(path, ":")  # not extended XYZ: parsed whole
-    subsample.check_room(path, len(frames), replay.structures, after)
-    indices = subsample.choose(len(frames), replay.structures, original.subsample_seed, after)
+    subsample.check_room(path, len(frames), count, after)
+    indices = subsample.choose(len(frames), count, original.subsample_seed, after)
     return (lambda: [frames[i] for i in indices]), indices
 
 

@@ -61,10 +61,13 @@ def summary(cfg: Any, result: TrialResult) -> str:
         lines.append("  no original set: retained accuracy not measured")
     mixed = cfg.finetune.replay
     if mixed.structures:
+        drawn = f" drawn each epoch from {mixed.pool}" if mixed.pool is not None else ""
         lines.append(
-            f"  replay: {mixed.structures} structures of the original set ({mixed.labels.value} labels, "
-            f"x{mixed.repeat} per epoch), disjoint from those above"
+            f"  replay: {mixed.structures} structures{drawn} of the original set ({mixed.labels.value} "
+            f"labels, x{mixed.repeat} per epoch), disjoint from those above"
         )
+    if cfg.finetune.anchor.weight:
+        lines.append(f"  anchored toward the base: L2-SP weight {cfg.finetune.anchor.weight:g}")
     offsets = {name: value for name, value in m.items() if name.startswith("energy_offset_")}
     if offsets:
         shown = ", ".join(f"{name.split('_')[2]} {value:+.1f}" for name, value in offsets.items())

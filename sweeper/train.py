@@ -77,5 +77,22 @@ def fine_tune(
 
     schedule = (str(cfg.train.scheduler.value), cfg.train.step_size, cfg.train.gamma)
     return mtt.train(
-        model, hypers(cfg, strategy, labels), train_sets, val_sets, device, workdir, each_epoch, schedule
+        model,
+        hypers(cfg, strategy, labels),
+        train_sets,
+        val_sets,
+        device,
+        workdir,
+        each_epoch,
+        schedule,
+        penalty=anchor(cfg, model),
     )
+
+
+def anchor(cfg: Any, model: mtt.PET) -> Callable[[], torch.Tensor] | None:
+    """`finetune.anchor.weight` x the squared distance to the base (L2-SP), or None when off."""
+    weight = float(cfg.finetune.anchor.weight)
+    if weight == 0:
+        return None
+    distance = mtt.anchor_penalty(model)
+    return lambda: weight * distance()

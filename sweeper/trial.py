@@ -185,6 +185,8 @@ def _train_and_evaluate(
         signals.raise_pending()
         clock.tick()
         trial.log_metrics({f"epoch/{name}": value for name, value in row.items()}, step=epoch)
+        if replayed is not None:
+            replayed.set_epoch(epoch + 1)
         if on_epoch is not None:
             on_epoch(epoch, row)
 

@@ -29,6 +29,7 @@ from sweeper.metatrain.export import export, merge_lora
 from sweeper.metatrain.model import (
     CheckpointError,
     add_energy_offsets,
+    anchor_penalty,
     apply_strategy,
     energy_offsets_removed,
     finetune_strategy,
@@ -73,6 +74,7 @@ __all__ = [
     "StopTraining",
     "TrainResult",
     "add_energy_offsets",
+    "anchor_penalty",
     "apply_strategy",
     "atomic_types",
     "dataset_info",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,39 @@ def apply_strategy(model: PET, strategy: dict, zero_lora_b: bool) -> PET:
 
 def lora_layers(model: torch.nn.Module) -> list[LoRALinear]:
     return [module for module in model.modules() if isinstance(module, LoRALinear)]
+
+
+def anchor_penalty(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+    """L2-SP's sum of squared distances to the base, over what trains.
+
+    For LoRA the distance is the update itself, scaling x B @ A of each adapted layer (the
+    weight the model uses minus the base's); for the other methods each trainable parameter
+    against its value now, before training. What trains is read at the first call: metatrain's
+    trainer sets it when training starts.
+    """
+    layers = lora_layers(model)
+    if layers:
+
+        def lora_update() -> torch.Tensor:
+            return sum(
+                ((layer.scaling * layer.lora_B.weight @ layer.lora_A.weight) ** 2).sum() for layer in layers
+            )
+
+        return lora_update
+
+    start = {name: param.detach().clone() for name, param in model.named_parameters()}
+    pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def distance() -> torch.Tensor:
+        if not pairs:
+            pairs.extend(
+                (param, start[name].to(param.device, param.dtype))
+                for name, param in model.named_parameters()
+                if param.requires_grad
+            )
+        return sum(((param - base) ** 2).sum() for param, base in pairs)
+
+    return distance
 
 
 def linear_attribute_names(model: torch.nn.Module) -> set[str]:

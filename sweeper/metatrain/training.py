@@ -123,6 +123,29 @@ def _scheduler(kind: str, step_size_epochs: int, gamma: float) -> Iterator[None]
         pet_trainer.get_scheduler = original
 
 
+@contextlib.contextmanager
+def _penalised(penalty: Callable[[], torch.Tensor] | None) -> Iterator[None]:
+    """Add `penalty()` to metatrain's training loss (its trainer has no hook for a regulariser).
+
+    Only where gradients flow: the validation loss metatrain logs stays the data's alone.
+    """
+    if penalty is None:
+        yield
+        return
+    original = pet_trainer.LossAggregator
+
+    class Penalised(original):  # type: ignore[misc, valid-type]
+        def __call__(self, *args, **kwargs) -> torch.Tensor:
+            loss = super().__call__(*args, **kwargs)
+            return loss + penalty() if torch.is_grad_enabled() else loss
+
+    pet_trainer.LossAggregator = Penalised
+    try:
+        yield
+    finally:
+        pet_trainer.LossAggregator = original
+
+
 @dataclass
 class TrainResult:
     best_epoch: int
@@ -152,11 +175,12 @@ def train(
     workdir: Path,
     on_epoch: Callable[[int, dict[str, float]], None],
     scheduler: tuple[str, int, float] = ("cosine", 1, 1.0),
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train in-process with metatrain's PET trainer; `on_epoch` may raise StopTraining.
 
     Several training sets are metatrain's own multi-dataset training (each epoch draws
-    batches from all of them).
+    batches from all of them). `penalty`, if given, is added to every training batch's loss.
     """
     trainer = Trainer(hypers)
     model.train()  # metatrain's trainer assumes it: in eval mode PET adds its composition
@@ -164,7 +188,7 @@ def train(
     ROOT_LOGGER.addHandler(handler)
     last_epoch = hypers["num_epochs"] - 1
     try:
-        with _scheduler(*scheduler), warnings.catch_warnings():
+        with _scheduler(*scheduler), _penalised(penalty), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
             trainer.train(model, torch.float32, [device], list(train_sets), list(val_sets), str(workdir))
     except StopTraining as stop:

@@ -1,0 +1,160 @@
+"""Forgetting control beyond plain replay: a replay pool drawn afresh each epoch, anchoring toward
+the base (L2-SP), and LoRA on the feed-forward layers too. Run as users run them, read back."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import compose_config, merged, tiny_overrides, trial_cli
+from safetensors.torch import load_file
+
+from sweeper import adapter, data, embedded, evaluate, replay, trial
+from sweeper import metatrain as mtt
+
+TIMINGS = {"train_seconds", "evaluation_seconds", "seconds_per_epoch"}
+
+
+def _overrides(tiny_data, embedded_paths, workdir: Path, *extra: str) -> list[str]:
+    """Tiny fine-tuning data; the embedded original set (160 structures), 2 of them measure
+    retention, so that a pool of 12 fits beside them."""
+    defaults = [
+        *tiny_overrides(tiny_data, workdir),
+        f"data.original.path={embedded_paths['original']}",
+        "data.original.max_structures=2",
+        "train.epochs=3",
+    ]
+    return merged(defaults, list(extra))
+
+
+def _adapter_dir(stdout: str) -> Path:
+    """The adapter folder the trial summary names."""
+    return Path(re.search(r"^adapter\s+(\S+)", stdout, re.MULTILINE).group(1))
+
+
+def _update_norm(adapter_dir: Path) -> float:
+    """Frobenius norm of the LoRA updates scaling x B @ A over every adapted layer."""
+    config = adapter.read_config(adapter_dir)
+    tensors = load_file(str(adapter_dir / adapter.WEIGHTS_FILE))
+    scaling = config["alpha"] / config["rank"]
+    total = 0.0
+    for name, a in tensors.items():
+        if name.endswith("lora_A.weight"):
+            b = tensors[name.replace("lora_A", "lora_B")]
+            total += float(((scaling * b @ a) ** 2).sum())
+    return total**0.5
+
+
+def test_a_replay_pool_is_drawn_afresh_each_epoch_disjoint_from_retention(
+    tiny_data, embedded_paths, tmp_path, monkeypatch
+) -> None:
+    pool = ("finetune.replay.structures=4", "finetune.replay.pool=12")
+    draws: list[tuple[int, list[int]]] = []
+    set_epoch = replay.EpochDraw.set_epoch
+
+    def recorded(self, epoch: int) -> None:
+        set_epoch(self, epoch)
+        draws.append((epoch, list(self.chosen)))
+
+    monkeypatch.setattr(replay.EpochDraw, "set_epoch", recorded)
+    inside = tmp_path / "in-process"
+    inside.mkdir()
+    monkeypatch.chdir(inside)
+    result = trial.run(compose_config(_overrides(tiny_data, embedded_paths, inside, *pool)), inside / "out")
+    trained = [chosen for epoch, chosen in draws if epoch < 3]  # the last draw is for an epoch not run
+    assert len(trained) == 3 and all(len(c) == 4 and set(c) <= set(range(12)) for c in trained)
+    assert len({tuple(c) for c in trained}) == 3  # a new draw each epoch
+    assert len(set().union(*trained)) > 4  # more of the pool than one draw is seen
+
+    # The same trial from the command line: the same numbers (the draws are seeded), and its run
+    # says what it replayed; the whole pool is disjoint from the retained-accuracy structures.
+    cli = tmp_path / "cli"
+    cli.mkdir()
+    done, run = trial_cli(_overrides(tiny_data, embedded_paths, cli, *pool), cli)
+    for name in result.metrics.keys() - TIMINGS:
+        assert run.data.metrics[name] == pytest.approx(result.metrics[name], rel=1e-12), name
+    assert run.data.params["finetune.replay.pool"] == "12"
+    assert run.data.params["original.replay_structures"] == "12"
+    assert run.info.run_name.endswith("replay4of12")
+    assert "4 structures drawn each epoch from 12" in done.stdout
+    mlflow.set_tracking_uri(f"sqlite:///{cli / 'mlflow.db'}")
+    indices = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/original_indices.json"))
+    assert len(indices["replay"]) == 12 and len(indices["retained"]) == 2
+    assert not set(indices["replay"]) & set(indices["retained"])
+
+
+def test_without_a_pool_replay_trains_on_the_same_structures_as_before(
+    tiny_data, embedded_paths, tmp_path, monkeypatch
+) -> None:
+    """A pool as large as one draw is the fixed replay set: same numbers as no pool at all."""
+    results = []
+    for name, extra in (("fixed", ()), ("pool", ("finetune.replay.pool=4",))):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        overrides = _overrides(tiny_data, embedded_paths, folder, "finetune.replay.structures=4", *extra)
+        results.append(trial.run(compose_config(overrides), folder / "out"))
+    fixed, pooled = results
+    for name in fixed.metrics.keys() - TIMINGS:
+        assert pooled.metrics[name] == fixed.metrics[name], name
+
+
+def test_anchoring_pulls_the_lora_update_toward_the_base(tiny_data, embedded_paths, tmp_path) -> None:
+    """From the command line: a strong L2-SP weight keeps the update scaling x B @ A small; the
+    weight is a param and in the run name. (What it does to forgetting: docs, benchmarks.)"""
+    found = {}
+    for weight in ("0", "100"):
+        folder = tmp_path / f"anchor{weight}"
+        folder.mkdir()
+        extra = ("lora.alpha=32", "train.lr=1e-2", f"finetune.anchor.weight={weight}")
+        done, run = trial_cli(_overrides(tiny_data, embedded_paths, folder, *extra), folder)
+        adapter_dir = _adapter_dir(done.stdout)
+        found[weight] = (run, _update_norm(adapter_dir))
+    (plain, plain_norm), (anchored, anchored_norm) = found["0"], found["100"]
+    assert anchored.data.params["finetune.anchor.weight"] == "100.0"
+    assert anchored.info.run_name.endswith("anchor100") and "anchor" not in plain.info.run_name
+    assert 0 < anchored_norm < 0.5 * plain_norm
+
+
+def test_anchoring_full_fine_tuning_keeps_the_weights_near_the_base(
+    tiny_data, embedded_paths, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = mtt.load_checkpoint(embedded.base_model_path()).state_dict()
+    distances = []
+    for weight in (0.0, 1e3):
+        overrides = _overrides(
+            tiny_data,
+            embedded_paths,
+            tmp_path,
+            "finetune=full",
+            "train.epochs=2",
+            f"finetune.anchor.weight={weight}",
+        )
+        result = trial.run(compose_config(overrides), tmp_path / f"out{weight}")
+        trained = load_file(str(result.adapter_dir / adapter.WEIGHTS_FILE))
+        distances.append(sum(float(((t - base[n]) ** 2).sum()) for n, t in trained.items() if n in base))
+    plain, anchored = distances
+    assert 0 < anchored < 0.5 * plain
+
+
+def test_lora_on_attention_and_feed_forward_layers(tiny_data, tmp_path) -> None:
+    """`lora=attention_ffn`: adapters on w_in and w_out too; re-applied, they give the trial's numbers."""
+    done, run = trial_cli([*tiny_overrides(tiny_data, tmp_path), "lora=attention_ffn"], tmp_path)
+    assert run.data.params["lora.target_modules"] == "['input_linear', 'output_linear', 'w_in', 'w_out']"
+    adapter_dir = _adapter_dir(done.stdout)
+    tensors = adapter.read_config(adapter_dir)["tensors"]
+    for layer in ("input_linear", "output_linear", "w_in", "w_out"):
+        assert any(f".{layer}.lora_B" in name for name in tensors), layer
+    model = adapter.apply(adapter_dir, embedded.base_model_path())
+    labels = data.labels_of(compose_config([]).data.finetune)
+    dataset, _ = mtt.read_dataset(tiny_data["validation"], labels)
+    torch.set_num_threads(2)
+    again = evaluate.errors(model, dataset, labels, torch.device("cpu"))
+    assert again["force_mae_meV_per_A"] == pytest.approx(
+        run.data.metrics["val_force_mae_meV_per_A"], rel=1e-12
+    )
