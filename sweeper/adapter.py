@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sweeper import metatrain as mtt
-from sweeper.embedded import file_sha256
+from sweeper.files import file_sha256
 
 FORMAT_VERSION = 2  # 2: base_targets, energy_offsets
 READABLE_VERSIONS = (1, 2)

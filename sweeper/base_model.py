@@ -11,7 +11,7 @@ from typing import Any
 
 from sweeper import metatrain as mtt
 from sweeper.config import ConfigError, Method
-from sweeper.embedded import file_sha256
+from sweeper.files import file_sha256
 
 
 def load(model: Any) -> tuple[mtt.PET, str]:

@@ -20,7 +20,7 @@ from ase.io import iread
 from sweeper import embedded, subsample
 from sweeper import metatrain as mtt
 from sweeper.config import ConfigError
-from sweeper.embedded import file_identity, file_sha256
+from sweeper.files import file_identity, file_sha256
 
 
 @dataclass

@@ -9,8 +9,6 @@ extended XYZ (open them with `ase gui`) into a cache folder and re-used.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 from importlib import resources
@@ -23,6 +21,8 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
+from sweeper.files import cache_root
+
 # Bump when the recipe below changes: cached files of another version are remade.
 RECIPE_VERSION = 2
 DECIMALS = 8  # Å, eV and eV/Å: far below the labels' own accuracy
@@ -32,14 +32,6 @@ ORIGINAL_STRUCTURES = 160
 FINETUNE_SPLITS = {"train": 80, "validation": 20, "test": 20}
 
 BASE_MODEL_FILE = "base_pet_cu.ckpt"
-
-
-def cache_root() -> Path:
-    """Where generated files live: `$PET_LORA_SWEEPER_CACHE` or the user's cache folder."""
-    root = os.environ.get("PET_LORA_SWEEPER_CACHE")
-    if root is None:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pet-lora-sweeper"
-    return Path(root)
 
 
 def cache_dir() -> Path:
@@ -134,23 +126,3 @@ def ensure_used(paths: list[str | None]) -> None:
     embedded = {str(path) for path in dataset_paths().values()}
     if any(path is not None and str(path) in embedded for path in paths):
         ensure_datasets()
-
-
-def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
-    """What a file's content is taken to depend on: its resolved path, mtime and size."""
-    stat = Path(path).stat()
-    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The file's sha256, computed once per process for an unchanged file."""
-    return _sha256(file_identity(path))
-
-
-@functools.lru_cache(maxsize=64)  # a sweep's trials hash the same data and checkpoint
-def _sha256(identity: tuple[str, int, int]) -> str:
-    digest = hashlib.sha256()
-    with open(identity[0], "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

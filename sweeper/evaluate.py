@@ -9,7 +9,6 @@ its stress, -virial / volume).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from sweeper import metatrain as mtt
 from sweeper import objective
-from sweeper.embedded import cache_root
+from sweeper.files import cached, written_atomically
 
 # Part of the base-error cache key: bump when `errors` would give other numbers.
 EVALUATION_VERSION = 3
@@ -79,13 +78,10 @@ def base_errors(
     labels, device type); returns (errors, whether they came from the cache).
     """
     key = {**key, "evaluation_version": EVALUATION_VERSION}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    cached = cache_root() / "base-errors" / f"{digest}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())["errors"], True
+    path = cached("base-errors", key, ".json")
+    if path.is_file():
+        return json.loads(path.read_text())["errors"], True
     result = errors(mtt.load_checkpoint(checkpoint), dataset, labels, device)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{digest[:6]}.tmp")
-    tmp.write_text(json.dumps({"key": key, "errors": result}, indent=2))
-    tmp.replace(cached)  # atomic: parallel trials never read half a file
+    with written_atomically(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, "errors": result}, indent=2))
     return result, False

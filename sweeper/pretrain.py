@@ -21,6 +21,7 @@ import torch
 from sweeper import embedded
 from sweeper import metatrain as mtt
 from sweeper.evaluate import errors
+from sweeper.files import file_sha256
 
 MODEL_HYPERS = {
     "cutoff": 4.5,
@@ -82,9 +83,9 @@ def pretrain(output: Path, epochs: int, threads: int, model_hypers: dict = MODEL
         "metatrain_version": mtt.METATRAIN_VERSION,
         "torch_version": torch.__version__,
         "parameters": mtt.parameter_count(base)[0],
-        "training_data": {"file": paths["original"].name, "sha256": embedded.file_sha256(paths["original"])},
+        "training_data": {"file": paths["original"].name, "sha256": file_sha256(paths["original"])},
         "errors_on_training_set": errors(base, dataset, labels, torch.device("cpu")),
-        "checkpoint_sha256": embedded.file_sha256(output),
+        "checkpoint_sha256": file_sha256(output),
     }
     output.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     return card

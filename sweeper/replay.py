@@ -21,11 +21,7 @@ offsets added), or the two training sets would disagree by exactly those offsets
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +33,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 from sweeper import data, subsample
 from sweeper import metatrain as mtt
 from sweeper.config import ConfigError, ReplayLabels
-from sweeper.embedded import cache_root, file_sha256
+from sweeper.files import cached, file_sha256, written_atomically
 
 FORMAT = 1  # bump when the cached replay files would differ
 # Neutral keys: ASE and metatrain give `energy`, `forces` and `stress` special meanings.
@@ -169,14 +165,14 @@ def load(cfg: Any, checkpoint: str, offsets: dict[int, float], device: torch.dev
                 cfg.data.original[name] for name in ("energy_key", "forces_key", "stress_key", "virial_key")
             ]
         }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    path = cache_root() / "replay" / f"{digest}.xyz"
+    path = cached("replay", key, ".xyz")
     if not path.is_file():
         if by_base:
             frames = _labelled_by_base(structures(), checkpoint, device, forces, strain)
         else:
             frames = [_labelled(atoms, cfg.data.original, forces, strain) for atoms in structures()]
-        _write(path, _shifted(frames, offsets))
+        with written_atomically(path) as tmp:
+            write(tmp, _shifted(frames, offsets), format="extxyz")
     labels = mtt.Labels(
         energy_key=ENERGY,
         energy_unit=finetune.energy_unit,
@@ -247,10 +243,3 @@ def _shifted(frames: list[Atoms], offsets: dict[int, float]) -> list[Atoms]:
     for atoms in frames:
         atoms.info[ENERGY] += sum(offsets.get(int(z), 0.0) for z in atoms.numbers)
     return frames
-
-
-def _write(path: Path, frames: list[Atoms]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.xyz")
-    write(tmp, frames, format="extxyz")
-    tmp.replace(path)  # atomic: parallel trials never read half a file

@@ -14,13 +14,12 @@ never overlap.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from ase.io.formats import filetype
 
-from sweeper.embedded import cache_root, file_sha256
+from sweeper.files import cached, file_sha256, written_atomically
 
 FORMAT = 1  # bump when the cached files would differ
 
@@ -86,24 +85,20 @@ def subset_file(path: str | Path, limit: int, seed: int, after: int = 0) -> tupl
     `after` structures (replay, after the retained-accuracy subset) must fit in the file."""
     if not is_extxyz(path):
         return None
-    key = f"{file_sha256(path)[:24]}-n{limit}-a{after}-s{seed}-v{FORMAT}"
-    cached = cache_root() / "subsets" / f"{key}.xyz"
-    listing = cached.with_suffix(".json")
-    if cached.is_file() and listing.is_file():
-        return cached, json.loads(listing.read_text())["indices"]
+    subset = cached("subsets", f"{file_sha256(path)[:24]}-n{limit}-a{after}-s{seed}-v{FORMAT}", ".xyz")
+    listing = subset.with_suffix(".json")
+    if subset.is_file() and listing.is_file():
+        return subset, json.loads(listing.read_text())["indices"]
     offsets = frame_offsets(path)
     check_room(path, len(offsets), limit, after)
     if after == 0 and limit >= len(offsets):
         return None
     indices = choose(len(offsets), limit, seed, after)
     ends = [*offsets[1:], Path(path).stat().st_size]
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    with open(path, "rb") as source, open(tmp, "wb") as target:
+    with written_atomically(subset) as tmp, open(path, "rb") as source, open(tmp, "wb") as target:
         for index in indices:
             source.seek(offsets[index])
             target.write(source.read(ends[index] - offsets[index]))
-    tmp.replace(cached)  # atomic: parallel trials never read half a file
-    tmp.write_text(json.dumps({"source": str(path), "count": len(offsets), "indices": indices}))
-    tmp.replace(listing)
-    return cached, indices
+    with written_atomically(listing) as tmp:  # last: its presence says the subset is whole
+        tmp.write_text(json.dumps({"source": str(path), "count": len(offsets), "indices": indices}))
+    return subset, indices

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sweeper import embedded
+from sweeper import embedded, files
 from sweeper import metatrain as mtt
 
 
@@ -15,13 +15,13 @@ def test_datasets_are_deterministic(embedded_paths, tmp_path, monkeypatch) -> No
     again = embedded.ensure_datasets()
     for role, path in embedded_paths.items():
         assert again[role] != path
-        assert embedded.file_sha256(again[role]) == embedded.file_sha256(path), role
+        assert files.file_sha256(again[role]) == files.file_sha256(path), role
 
 
 def test_shipped_base_model_was_trained_on_these_data(embedded_paths) -> None:
     card = embedded.base_model_card()
-    assert card["training_data"]["sha256"] == embedded.file_sha256(embedded_paths["original"])
-    assert card["checkpoint_sha256"] == embedded.file_sha256(embedded.base_model_path())
+    assert card["training_data"]["sha256"] == files.file_sha256(embedded_paths["original"])
+    assert card["checkpoint_sha256"] == files.file_sha256(embedded.base_model_path())
     assert card["metatrain_version"].split(".")[:2] == mtt.METATRAIN_VERSION.split(".")[:2]
 
 
@@ -58,8 +58,8 @@ def test_pretrain_recipe_writes_a_usable_checkpoint_and_card(embedded_paths, tmp
 
     output = tmp_path / "base.ckpt"
     card = pretrain.pretrain(output, epochs=1, threads=2)
-    assert card["checkpoint_sha256"] == embedded.file_sha256(output)
-    assert card["training_data"]["sha256"] == embedded.file_sha256(embedded_paths["original"])
+    assert card["checkpoint_sha256"] == files.file_sha256(output)
+    assert card["training_data"]["sha256"] == files.file_sha256(embedded_paths["original"])
     assert output.stat().st_size < 5_000_000  # no optimizer state in a base model
     model = mtt.load_checkpoint(output)
     assert mtt.model_atomic_types(model) == [29] and mtt.model_targets(model) == ["energy"]

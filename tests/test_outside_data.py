@@ -28,7 +28,7 @@ from outside_data import (
     hartree_overrides,
 )
 
-from sweeper import adapter, data, embedded, trial
+from sweeper import adapter, data, embedded, files, trial
 from sweeper import metatrain as mtt
 from sweeper.config import ConfigError
 
@@ -501,4 +501,4 @@ def test_a_large_original_file_is_cut_down_before_it_is_parsed(
     ):
         assert first.metrics[name] == second.metrics[name], name
     run = _client(tmp_path).get_run(first.run_id)
-    assert run.data.tags["data_original_sha256"] == embedded.file_sha256(large)
+    assert run.data.tags["data_original_sha256"] == files.file_sha256(large)

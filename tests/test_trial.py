@@ -11,7 +11,7 @@ import torch
 from conftest import compose_config, run_cli, runs, tiny_overrides, trial_cli
 from mlflow.tracking import MlflowClient
 
-from sweeper import adapter, embedded, evaluate, trial
+from sweeper import adapter, embedded, evaluate, files, trial
 from sweeper import metatrain as mtt
 
 FINAL_METRICS = [
@@ -109,7 +109,7 @@ def test_run_is_finished_with_metrics_params_tags_and_artifacts(cli_trial) -> No
     assert not missing
     assert run.data.params["lora.rank"] == "4" and run.data.params["train.epochs"] == "3"
     tags = run.data.tags
-    assert tags["base_checkpoint_sha256"] == embedded.file_sha256(embedded.base_model_path())
+    assert tags["base_checkpoint_sha256"] == files.file_sha256(embedded.base_model_path())
     assert tags["metatrain_version"] == mtt.METATRAIN_VERSION
     assert {"data_train_sha256", "data_validation_sha256", "data_original_sha256"} <= set(tags)
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
@@ -117,8 +117,8 @@ def test_run_is_finished_with_metrics_params_tags_and_artifacts(cli_trial) -> No
     assert sorted(m.step for m in history) == list(range(int(run.data.metrics["epochs_run"])))
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "config.yaml", "trial.log"} <= top
-    files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
-    assert files == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert artifacts == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
 
 
 def test_reapplied_adapter_reproduces_logged_validation_metrics(cli_trial, tiny_data) -> None:

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeper import adapter, embedded
 from sweeper import metatrain as mtt
-from sweeper.embedded import file_sha256
+from sweeper.files import file_sha256
 
 # MLflow draws a progress bar for every two-file download; say so to turn it back on.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

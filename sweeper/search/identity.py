@@ -17,7 +17,7 @@ from optuna.distributions import BaseDistribution
 
 from sweeper import embedded
 from sweeper.config import ConfigError, Method
-from sweeper.embedded import file_sha256
+from sweeper.files import file_sha256
 from sweeper.objective import Goal
 
 FINGERPRINT_ATTR = "fingerprint"
