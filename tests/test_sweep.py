@@ -164,8 +164,9 @@ def test_pareto_mode_writes_solutions(tiny_data, tmp_path) -> None:
     assert len(_study(tmp_path).directions) == 2
     # objective=pareto brings its own sampler, multi-objective TPE (conf/objective/pareto.yaml)
     (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
-    assert parent.data.params["sampler"].startswith("TPESampler(") and "multivariate=True" in (
-        parent.data.params["sampler"]
+    assert (
+        parent.data.params["sampler"].startswith("TPESampler(")
+        and "multivariate=True" in (parent.data.params["sampler"])
     )
 
 
