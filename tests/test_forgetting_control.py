@@ -8,9 +8,10 @@ import re
 from pathlib import Path
 
 import mlflow
+import optuna
 import pytest
 import torch
-from conftest import compose_config, merged, tiny_overrides, trial_cli
+from conftest import compose_config, merged, run_cli, runs, tiny_overrides, trial_cli
 from safetensors.torch import load_file
 
 from sweeper import adapter, data, embedded, evaluate, replay, trial
@@ -158,3 +159,31 @@ def test_lora_on_attention_and_feed_forward_layers(tiny_data, tmp_path) -> None:
     assert again["force_mae_meV_per_A"] == pytest.approx(
         run.data.metrics["val_force_mae_meV_per_A"], rel=1e-12
     )
+
+
+def test_a_sweep_searches_the_anchor_weight_and_the_replay_draw(tiny_data, embedded_paths, tmp_path) -> None:
+    arguments = _overrides(
+        tiny_data,
+        embedded_paths,
+        tmp_path,
+        "train.epochs=1",
+        "lora=attention_ffn",
+        "finetune.replay.pool=12",
+        "finetune.anchor.weight=tag(log, interval(0.001, 1.0))",
+        "finetune.replay.structures=4,8",
+        "hydra.sweeper.n_trials=2",
+        "hydra/sweeper/pruner=none",
+    )
+    done = run_cli(["-m", *arguments], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 2
+    children = {r.info.run_id: r for r in runs(tmp_path) if "trial_number" in r.data.tags}
+    for t in complete:
+        run = children[t.user_attrs["run_id"]]
+        assert 0.001 <= t.params["finetune.anchor.weight"] <= 1.0
+        assert float(run.data.params["finetune.anchor.weight"]) == t.params["finetune.anchor.weight"]
+        assert run.data.params["finetune.replay.structures"] == str(t.params["finetune.replay.structures"])
+        assert run.data.params["finetune.replay.pool"] == "12"
+        assert run.data.params["lora.target_modules"].endswith("'w_in', 'w_out']")
