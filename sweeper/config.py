@@ -56,7 +56,7 @@ class Scheduler(str, Enum):
 
 @dataclass
 class ModelConfig:
-    checkpoint: str = "${embedded:base_model}"
+    checkpoint: str = "${embedded:base_model}"  # the base PET checkpoint (a metatrain .ckpt)
     sha256: str | None = None  # the checkpoint's sha256, checked before it is unpickled
 
 
@@ -67,31 +67,31 @@ class EnergyReference(str, Enum):
 
 @dataclass
 class LabelsConfig:
-    energy_key: str = "energy"
+    energy_key: str = "energy"  # the energy label in each structure's info
     energy_unit: str = "eV"  # any unit metatomic knows: eV, meV, hartree, kcal/mol, kJ/mol, ...
-    forces: bool = True
-    forces_key: str = "forces"
+    forces: bool = True  # force labels (false: energies only)
+    forces_key: str = "forces"  # the force label in each structure's arrays
     stress: bool = False  # stress labels (energy/length^3, periodic structures only)
-    stress_key: str = "stress"
+    stress_key: str = "stress"  # the stress label in each structure's info
     virial: bool = False  # virial labels (energy) instead of stress: never both
-    virial_key: str = "virial"
+    virial_key: str = "virial"  # the virial label in each structure's info
     length_unit: str = "angstrom"  # angstrom or bohr: the base model's
 
 
 @dataclass
 class FinetuneDataConfig(LabelsConfig):
-    train: str = "${embedded:train}"
-    validation: str | None = "${embedded:validation}"
+    train: str = "${embedded:train}"  # structures to fine-tune on: any file ASE reads
+    validation: str | None = "${embedded:validation}"  # selects the best epoch; null: split from train
     validation_fraction: float = 0.2  # taken from `train` when `validation` is null
-    test: str | None = "${embedded:test}"
-    energy_reference: EnergyReference = EnergyReference.base
+    test: str | None = "${embedded:test}"  # reported, never trained or selected on; null: none
+    energy_reference: EnergyReference = EnergyReference.base  # base | refit (another DFT reference)
 
 
 @dataclass
 class OriginalDataConfig(LabelsConfig):
     path: str | None = "${embedded:original}"  # null: no retained accuracy
     max_structures: int | None = 64  # fixed-seed subsample; null: all
-    subsample_seed: int = 0
+    subsample_seed: int = 0  # the permutation that picks retention (then replay) structures
 
 
 @dataclass
@@ -102,10 +102,11 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 8  # rank of the LoRA matrices A (rank x in) and B (out x rank)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    # attribute names of the nn.Linear layers to adapt: the attention projections of every PET block
     target_modules: list[str] = field(default_factory=lambda: ["input_linear", "output_linear"])
-    init: LoraInit = LoraInit.zero
+    init: LoraInit = LoraInit.zero  # zero: B = 0, the model starts as the base | metatrain
 
 
 class ReplayLabels(str, Enum):
@@ -123,7 +124,7 @@ class ReplayConfig:
     # `structures` are drawn afresh each epoch (seeded): more of the original set is seen at
     # the per-epoch cost of `structures`
     pool: int | None = None
-    labels: ReplayLabels = ReplayLabels.reference
+    labels: ReplayLabels = ReplayLabels.reference  # reference: the file's labels | base: its predictions
     # draws of `structures` per epoch: replay's share of the epoch's batches, and so of the loss
     repeat: int = 1
 
@@ -138,7 +139,7 @@ class AnchorConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: Method = Method.lora
+    method: Method = Method.lora  # lora | full | heads
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
 
@@ -147,26 +148,26 @@ class FinetuneConfig:
 class LossWeightsConfig:
     """metatrain's loss weights: the energy, its forces and its stress (or virial)."""
 
-    energy: float = 1.0
-    forces: float = 1.0
-    stress: float = 1.0
+    energy: float = 1.0  # weight of the per-atom energy term
+    forces: float = 1.0  # weight of the force term
+    stress: float = 1.0  # weight of the stress (or virial) term
 
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3
-    epochs: int = 20
-    batch_size: int = 8
-    scheduler: Scheduler = Scheduler.cosine
+    lr: float = 1e-3  # peak learning rate (Adam, or AdamW with weight_decay)
+    epochs: int = 20  # at most; early stopping may end sooner
+    batch_size: int = 8  # structures per batch, in every training set
+    scheduler: Scheduler = Scheduler.cosine  # cosine | constant | step | exponential
     warmup_fraction: float = 0.01  # cosine only
     step_size: int = 10  # step only, in epochs
     gamma: float = 0.5  # step and exponential
     weight_decay: float | None = None  # set: AdamW instead of Adam
     early_stopping_patience: int | None = 10  # epochs without improvement; null: off
-    grad_clip_norm: float = 1.0
-    loss: str = "mse"
+    grad_clip_norm: float = 1.0  # gradients clipped to this norm
+    loss: str = "mse"  # metatrain's loss type: mse, mae, huber, ...
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
-    dtype: str = "float32"
+    dtype: str = "float32"  # what metatrain's PET trains in
 
 
 class ObjectiveMode(str, Enum):
@@ -176,7 +177,7 @@ class ObjectiveMode(str, Enum):
 
 @dataclass
 class ObjectiveConfig:
-    mode: ObjectiveMode = ObjectiveMode.constrained
+    mode: ObjectiveMode = ObjectiveMode.constrained  # constrained | pareto
     # null: follows the data (sweeper/objective.py): the validation force MAE, or the
     # energy MAE for energy-only data
     metric: str | None = None
@@ -190,17 +191,17 @@ class ObjectiveConfig:
 class SweepConfig:
     """Set by the sweeper for each trial; all null in a single run."""
 
-    study_name: str | None = None
-    storage: str | None = None
-    trial_number: int | None = None
+    study_name: str | None = None  # the Optuna study the trial belongs to
+    storage: str | None = None  # the study's storage URL
+    trial_number: int | None = None  # the trial's number in the study
     trial_id: int | None = None  # Optuna's storage id, to report per-epoch values
-    parent_run_id: str | None = None
+    parent_run_id: str | None = None  # the study's MLflow run, the trial run's parent
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "pet-lora"
+    uri: str = "sqlite:///mlflow.db"  # sqlite:///..., postgresql://... or an http:// server
+    experiment: str = "pet-lora"  # the MLflow experiment of every run
     run_name: str | None = None  # default: says what the trial is, e.g. `r8 a16 lr1e-3`
     system_metrics: bool = False  # CPU/memory (and GPU with nvidia-ml-py) every 10 s
 
@@ -222,7 +223,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    seed: int = 0
+    seed: int = 0  # metatrain's seed and the replay draws: same seed and threads, same numbers
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch threads; null: every core this process may use
     verbose: bool = False  # metatrain's log on the console too (always in the trial's trial.log)

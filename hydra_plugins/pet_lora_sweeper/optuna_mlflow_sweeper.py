@@ -23,20 +23,21 @@ class OptunaMlflowSweeperConf:
 
     _target_: str = "hydra_plugins.pet_lora_sweeper.optuna_mlflow_sweeper.OptunaMlflowSweeper"
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
-    # MISSING, not None: this node is merged after its defaults and None would erase them.
-    sampler: Any = MISSING  # hydra/sweeper/sampler: tpe, random, grid, gp, cmaes, nsgaii, qmc
-    pruner: Any = MISSING  # hydra/sweeper/pruner: median, hyperband, successive_halving, none
+    # hydra/sweeper/sampler: tpe (default), motpe (objective=pareto), random, grid, gp, cmaes, nsgaii, qmc
+    sampler: Any = MISSING
+    pruner: Any = MISSING  # hydra/sweeper/pruner: median (default), hyperband, successive_halving, none
+    # (sampler, pruner: MISSING, not None: this node is merged after its defaults, None would erase them)
     direction: Any = "minimize"  # one value, or a list for several objectives
     storage: str | None = None  # default: sqlite:///<study_name>.db beside mlflow.db
-    study_name: str = "pet-lora"
+    study_name: str = "pet-lora"  # the study's name in its storage: the same name resumes it
     n_trials: int = 8  # the study's total budget: a re-run resumes up to it
     n_jobs: int = 1  # > 1: that many asynchronous worker processes (cores split between them)
     workers_per_gpu: int | None = None  # set: this many workers on each visible GPU
     max_retries: int = 2  # re-runs of a trial whose worker died (SIGKILL, lost machine)
     heartbeat_interval: int = 30  # seconds; a running trial silent for 3x this is failed
-    max_failure_rate: float = (
-        0.25  # more failed trials than this stops the sweep (checked from 4 finished; 0: the first)
-    )
+    # more failed trials than this stops the sweep (checked from 4 finished; 0: the first)
+    max_failure_rate: float = 0.25
+    # the search space: key -> `choice(...)`, `interval(...)`, `tag(log, ...)`, `a,b,c` or a fixed value
     params: dict[str, str] | None = None
     custom_search_space: str | None = None  # "module.function(cfg, trial)"
 
