@@ -29,7 +29,8 @@ def _node(path: Path) -> Any:
     """The schema dataclass instance a conf/ file is merged into."""
     parts = path.relative_to(config.CONF_DIR).parts
     root = config.Config()
-    return root if len(parts) == 1 else getattr(root, parts[0])
+    global_package = path.read_text().startswith("# @package _global_")  # presets: conf/experiment/
+    return root if len(parts) == 1 or global_package else getattr(root, parts[0])
 
 
 def _leaves(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
