@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import metatrain as mtt
-from sweeper.config import ConfigError, Method
+from sweeper.config import Config, ConfigError, Method
 from sweeper.files import file_sha256
 
 
@@ -31,7 +31,7 @@ def load(model: Any) -> tuple[mtt.PET, str]:
         raise ConfigError(f"model.checkpoint: {error}") from None
 
 
-def check_compatible(cfg: Any, base: mtt.PET, species: dict[str, set[int]]) -> None:
+def check_compatible(cfg: Config, base: mtt.PET, species: dict[str, set[int]]) -> None:
     """Elements, energy target, units and LoRA target modules the base must have for this config."""
     known = set(mtt.model_atomic_types(base))
     for role, found in species.items():

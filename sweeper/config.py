@@ -246,7 +246,7 @@ def composed(overrides: list[str] | None = None) -> Any:
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def check(cfg: Any) -> None:
+def check(cfg: Config) -> None:
     """Value rules beyond types; raises ConfigError naming the key."""
     rules = [
         ("lora.rank", cfg.lora.rank >= 1, "must be >= 1"),
@@ -329,7 +329,7 @@ def check(cfg: Any) -> None:
             raise ConfigError(f"{key} {rule}, got {OmegaConf.select(cfg, key)!r}")
 
 
-def flatten(cfg: Any) -> dict[str, str]:
+def flatten(cfg: Config) -> dict[str, str]:
     """The resolved config as `a.b.c -> value` strings, for MLflow params (URL passwords masked)."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     flat: dict[str, str] = {}

@@ -19,7 +19,7 @@ from ase.io import iread
 
 from sweeper import embedded, subsample
 from sweeper import metatrain as mtt
-from sweeper.config import ConfigError
+from sweeper.config import Config, ConfigError
 from sweeper.files import file_identity, file_sha256
 
 
@@ -36,7 +36,7 @@ class Datasets:
     original_indices: list[int] | None = None  # the structures of the original file used
 
 
-def labels_of(cfg: Any) -> mtt.Labels:
+def labels_of(cfg: Config) -> mtt.Labels:
     return mtt.Labels(
         energy_key=cfg.energy_key,
         energy_unit=cfg.energy_unit,
@@ -127,7 +127,7 @@ def original_file(original: Any) -> tuple[Path, list[int] | None]:
     return subset if subset is not None else (path, None)
 
 
-def check(cfg: Any) -> dict[str, set[int]]:
+def check(cfg: Config) -> dict[str, set[int]]:
     """Scan every configured file; returns the species per role."""
     finetune, original = cfg.data.finetune, cfg.data.original
     files = {"train": finetune.train, "validation": finetune.validation, "test": finetune.test}
@@ -158,7 +158,7 @@ def _check_units(group: Any, key: str) -> None:
             raise ConfigError(f"{key}.{name}: {error}") from None
 
 
-def load(cfg: Any) -> Datasets:
+def load(cfg: Config) -> Datasets:
     finetune, original = cfg.data.finetune, cfg.data.original
     labels = labels_of(finetune)
     train, target_info = read(finetune.train, labels)
@@ -207,7 +207,7 @@ def _split(dataset: mtt.Dataset, fraction: float, seed: int) -> tuple[mtt.Datase
     )
 
 
-def validation_set(cfg: Any) -> tuple[mtt.Dataset, mtt.Labels, str, str]:
+def validation_set(cfg: Config) -> tuple[mtt.Dataset, mtt.Labels, str, str]:
     """The fine-tuning validation set a trial evaluated on, from its config.
 
     Returns (dataset, its labels, the role of the file it comes from, that file's

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sweeper.config import ConfigError, ObjectiveMode
+from sweeper.config import Config, ConfigError, ObjectiveMode
 
 # Reported by every trial, whatever its data.
 BOOKKEEPING = (
@@ -53,7 +53,7 @@ def quantities(labels: Any) -> list[str]:
     return names
 
 
-def final_metrics(cfg: Any) -> set[str]:
+def final_metrics(cfg: Config) -> set[str]:
     """Every final metric a trial of `cfg` reports."""
     finetune, original = cfg.data.finetune, cfg.data.original
     names = {f"val_{q}" for q in quantities(finetune)} | set(BOOKKEEPING)
@@ -75,7 +75,7 @@ def ratio(quantity: str) -> str:
     return quantity.split("_meV")[0] + "_ratio"
 
 
-def epoch_metrics(cfg: Any) -> set[str]:
+def epoch_metrics(cfg: Config) -> set[str]:
     """The metrics of every epoch's row (MLflow's `epoch/<name>`), what a pruner can listen to."""
     finetune = cfg.data.finetune
     per_epoch = ["energy_mae_meV_per_atom", "energy_rmse_meV_per_atom"]
@@ -86,7 +86,7 @@ def epoch_metrics(cfg: Any) -> set[str]:
     return {f"{split}_{q}" for split in ("train", "val") for q in [*per_epoch, "loss"]} | {"learning_rate"}
 
 
-def goal(cfg: Any) -> Goal:
+def goal(cfg: Config) -> Goal:
     """The objective of `cfg`, defaults resolved; ConfigError for a metric the data lacks."""
     objective, finetune = cfg.objective, cfg.data.finetune
     has_original = cfg.data.original.path is not None
@@ -113,7 +113,7 @@ def goal(cfg: Any) -> Goal:
     return Goal(metric, retained, objective.retained_tolerance, pareto)
 
 
-def _require(name: str, available: set[str], key: str, cfg: Any) -> None:
+def _require(name: str, available: set[str], key: str, cfg: Config) -> None:
     if name in available:
         return
     hint = ""
@@ -129,7 +129,7 @@ def _require(name: str, available: set[str], key: str, cfg: Any) -> None:
     raise ConfigError(f"{key}: this data gives no metric {name!r}{hint}; it gives {', '.join(choices)}")
 
 
-def check_pruning(goal: Goal, cfg: Any, pruning: bool) -> None:
+def check_pruning(goal: Goal, cfg: Config, pruning: bool) -> None:
     """A pruner listens to `goal.metric` every epoch: it must be in every epoch's row."""
     if pruning and goal.metric not in epoch_metrics(cfg):
         raise ConfigError(

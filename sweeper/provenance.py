@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from sweeper import config, data, devices, replay, tracking
 from sweeper import metatrain as mtt
-from sweeper.config import EnergyReference, Method
+from sweeper.config import Config, EnergyReference, Method
 
 
-def run_name(cfg: Any) -> str:
+def run_name(cfg: Config) -> str:
     """Says what the trial is: `r8 a16 lr1e-3`, `t3 r8 a16 lr3e-4` in a sweep, `full lr1e-3`,
     `r8 a16 lr1e-3 replay64` with 64 replayed structures (`replay64b`: base labels, `x2`: repeat,
     `replay16of256`: 16 drawn each epoch from a pool of 256), `anchor0.01` with an L2-SP weight."""
@@ -32,7 +31,7 @@ def run_name(cfg: Any) -> str:
 
 
 def tags(
-    cfg: Any,
+    cfg: Config,
     base_sha: str,
     datasets: data.Datasets,
     device: torch.device,
@@ -86,7 +85,7 @@ def original_indices(datasets: data.Datasets, replayed: replay.Replay | None) ->
 
 
 def dataset_files(
-    cfg: Any, datasets: data.Datasets, replayed: replay.Replay | None
+    cfg: Config, datasets: data.Datasets, replayed: replay.Replay | None
 ) -> list[tracking.DatasetFile]:
     """What the trial saw, for MLflow's Dataset column: file, sha256, structures, role."""
     finetune, sha = cfg.data.finetune, datasets.sha256

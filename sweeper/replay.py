@@ -32,7 +32,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from sweeper import data, subsample
 from sweeper import metatrain as mtt
-from sweeper.config import ConfigError, ReplayLabels
+from sweeper.config import Config, ConfigError, ReplayLabels
 from sweeper.files import cached, file_sha256, written_atomically
 
 FORMAT = 1  # bump when the cached replay files would differ
@@ -82,7 +82,7 @@ class Replay:
             draw.set_epoch(epoch)
 
 
-def wanted(cfg: Any) -> bool:
+def wanted(cfg: Config) -> bool:
     return cfg.finetune.replay.structures > 0
 
 
@@ -91,7 +91,7 @@ def _count(replay: Any) -> int:
     return replay.pool if replay.pool is not None else replay.structures
 
 
-def check(cfg: Any) -> tuple[set[int], list[int]]:
+def check(cfg: Config) -> tuple[set[int], list[int]]:
     """What replay needs, checked before anything trains; returns the replay structures'
     species and their indices in the original file.
 
@@ -141,7 +141,7 @@ def check(cfg: Any) -> tuple[set[int], list[int]]:
     return species, indices
 
 
-def load(cfg: Any, checkpoint: str, offsets: dict[int, float], device: torch.device) -> Replay:
+def load(cfg: Config, checkpoint: str, offsets: dict[int, float], device: torch.device) -> Replay:
     """The replay training set: labelled, in the fine-tuning data's reference, cached."""
     replay, finetune = cfg.finetune.replay, cfg.data.finetune
     structures, indices = _structures(cfg)
@@ -185,7 +185,7 @@ def load(cfg: Any, checkpoint: str, offsets: dict[int, float], device: torch.dev
     return Replay(dataset, labels, indices, replay.repeat, replay.structures, cfg.seed)
 
 
-def _structures(cfg: Any) -> tuple[Any, list[int]]:
+def _structures(cfg: Config) -> tuple[Any, list[int]]:
     """(a function giving the replay structures as ASE Atoms, their indices in the file)."""
     original, replay = cfg.data.original, cfg.finetune.replay
     path, after = original.path, original.max_structures

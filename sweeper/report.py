@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from sweeper import tracking
 from sweeper.secrets import redact
 from sweeper.trial import EpochCallback, TrialResult
+
+if TYPE_CHECKING:
+    from sweeper.config import Config
 
 # What the epoch bar shows of a row, when the data has it.
 EPOCH_ERRORS = {
@@ -22,7 +25,7 @@ EPOCH_ERRORS = {
 
 
 @contextlib.contextmanager
-def epoch_bar(cfg: Any) -> Iterator[EpochCallback]:
+def epoch_bar(cfg: Config) -> Iterator[EpochCallback]:
     """A single trial's progress: one bar over the epochs with the current validation MAEs."""
     with tqdm(total=cfg.train.epochs, desc="fine-tuning", unit="epoch") as bar:
 
@@ -41,7 +44,7 @@ def log_to_console() -> None:
             handler.setLevel(logging.INFO)
 
 
-def summary(cfg: Any, result: TrialResult) -> str:
+def summary(cfg: Config, result: TrialResult) -> str:
     m = result.metrics
     lines = [
         f"trial finished: {result.epochs_run} epochs, best epoch {result.best_epoch}",
@@ -89,7 +92,7 @@ def summary(cfg: Any, result: TrialResult) -> str:
     return "\n".join(lines)
 
 
-def _browse(cfg: Any, result: TrialResult) -> str:
+def _browse(cfg: Config, result: TrialResult) -> str:
     return tracking.ui_link(cfg.tracking.uri, f"#/experiments/{result.experiment_id}/runs/{result.run_id}")
 
 

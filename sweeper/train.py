@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sweeper import metatrain as mtt
 
+if TYPE_CHECKING:
+    from sweeper.config import Config
+
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def hypers(cfg: Any, strategy: dict, labels: list[mtt.Labels]) -> dict:
+def hypers(cfg: Config, strategy: dict, labels: list[mtt.Labels]) -> dict:
     """Our `train.*` keys in metatrain's PET trainer vocabulary (one `labels` per training set)."""
     train = cfg.train
     overrides = {
@@ -59,7 +62,7 @@ class EarlyStopping:
 
 def fine_tune(
     model: mtt.PET,
-    cfg: Any,
+    cfg: Config,
     strategy: dict,
     labels: list[mtt.Labels],
     train_sets: list[mtt.Dataset],
@@ -89,7 +92,7 @@ def fine_tune(
     )
 
 
-def anchor(cfg: Any, model: mtt.PET) -> Callable[[], torch.Tensor] | None:
+def anchor(cfg: Config, model: mtt.PET) -> Callable[[], torch.Tensor] | None:
     """`finetune.anchor.weight` x the squared distance to the base (L2-SP), or None when off."""
     weight = float(cfg.finetune.anchor.weight)
     if weight == 0:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -36,7 +35,7 @@ from sweeper import (
     train,
 )
 from sweeper import metatrain as mtt
-from sweeper.config import ConfigError, EnergyReference, Method
+from sweeper.config import Config, ConfigError, EnergyReference, Method
 from sweeper.registry import versions
 
 EpochCallback = train.EpochCallback
@@ -58,7 +57,7 @@ class TrialResult:
 
 
 def run(
-    cfg: Any,
+    cfg: Config,
     output_dir: Path,
     on_epoch: EpochCallback | None = None,
     log_file: Path | None = None,
@@ -152,7 +151,7 @@ class _Trained:
 
 
 def _train_and_evaluate(
-    cfg: Any,
+    cfg: Config,
     trial: tracking.TrialRun,
     base: mtt.PET,
     base_sha: str,
@@ -225,7 +224,7 @@ def _train_and_evaluate(
 
 
 def _register(
-    cfg: Any,
+    cfg: Config,
     goal: objective.Goal,
     trial: tracking.TrialRun,
     metrics: dict,
@@ -259,7 +258,7 @@ def _register(
 
 
 def _energy_offsets(
-    cfg: Any, base: mtt.PET, datasets: data.Datasets, device: torch.device
+    cfg: Config, base: mtt.PET, datasets: data.Datasets, device: torch.device
 ) -> dict[int, float]:
     """`energy_reference=refit`: per-element offsets of the data against the base model."""
     if EnergyReference(cfg.data.finetune.energy_reference) != EnergyReference.refit:
@@ -268,7 +267,7 @@ def _energy_offsets(
 
 
 def _evaluate(
-    cfg: Any,
+    cfg: Config,
     model: mtt.PET,
     datasets: data.Datasets,
     device: torch.device,

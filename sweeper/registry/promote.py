@@ -21,7 +21,6 @@ import math
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -29,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sweeper import config, objective, tracking
-from sweeper.config import ConfigError
+from sweeper.config import Config, ConfigError
 from sweeper.registry import models
 from sweeper.registry.models import ModelError
 from sweeper.registry.verify import VerificationError, verify
@@ -216,7 +215,7 @@ def _short(text: str | None) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def parser(cfg: Any) -> argparse.ArgumentParser:
+def parser(cfg: Config) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sweeper.promote",
         description=__doc__,

@@ -10,7 +10,7 @@ the sha256 of the base checkpoint and of the adapter, the LoRA config, the study
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.entities import LoggedModelStatus
@@ -21,6 +21,9 @@ from mlflow.tracking import MlflowClient
 from sweeper import adapter
 from sweeper.objective import Goal
 
+if TYPE_CHECKING:
+    from sweeper.config import Config
+
 CHAMPION, PREVIOUS = "champion", "previous"
 # Not "adapter": MLflow resolves `runs:/<id>/<name>` to a run's logged model of that name,
 # which would shadow the run's own `adapter/` artifact folder.
@@ -29,7 +32,7 @@ LOGGED_MODEL_NAME = "registered-adapter"
 TAGGED_METRICS = ("val_", "test_", "retained_", "base_")
 
 
-def model_name(cfg: Any) -> str:
+def model_name(cfg: Config) -> str:
     """`registry.model_name`, or one derived from the base model: `base_pet_cu-lora`."""
     return cfg.registry.model_name or f"{Path(cfg.model.checkpoint).stem}-lora"
 
@@ -38,7 +41,7 @@ NO_RETAINED_METRIC = "none"  # the retained_metric tag of a study without an ori
 
 
 def version_tags(
-    cfg: Any, goal: Goal, metrics: dict[str, float], run_id: str, adapter_dir: Path, base_sha: str
+    cfg: Config, goal: Goal, metrics: dict[str, float], run_id: str, adapter_dir: Path, base_sha: str
 ) -> dict:
     """Everything a version must say about itself; floats in full precision (repr)."""
     tags: dict[str, str] = {}
@@ -102,7 +105,7 @@ def _ensure_model(client: MlflowClient, name: str, description: str) -> None:
             raise
 
 
-def description(cfg: Any, base_sha: str) -> str:
+def description(cfg: Config, base_sha: str) -> str:
     return (
         f"LoRA adapters for the PET base model `{Path(cfg.model.checkpoint).name}` "
         f"(sha256 {base_sha[:12]}…), one version per finished, feasible trial. "

@@ -10,13 +10,12 @@ line naming what differs and how to start a new study.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
 
 from sweeper import embedded
-from sweeper.config import ConfigError, Method
+from sweeper.config import Config, ConfigError, Method
 from sweeper.files import file_sha256
 from sweeper.objective import Goal
 
@@ -30,7 +29,7 @@ FILES = {
 }
 
 
-def of(trial_cfg: Any, goal: Goal, space: dict[str, BaseDistribution]) -> dict[str, str]:
+def of(trial_cfg: Config, goal: Goal, space: dict[str, BaseDistribution]) -> dict[str, str]:
     """The fingerprint: files by sha256, the objective, the search space, the method."""
     paths = {key: path(trial_cfg) for key, path in FILES.items()}
     embedded.ensure_used([p for p in paths.values() if p is not None])

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from sweeper import objective, report, signals, trial
 from sweeper.search.pruning import Reporter
 
+if TYPE_CHECKING:
+    from sweeper.config import Config
+
 log = logging.getLogger(__name__)
 
 
 def run(
-    cfg: Any, output_dir: Path, log_file: Path | None, pruner: optuna.pruners.BasePruner
+    cfg: Config, output_dir: Path, log_file: Path | None, pruner: optuna.pruners.BasePruner
 ) -> dict[str, Any]:
     """`{"state": "complete", "values": ..., ...}`, `{"state": "pruned"}` or, for any error
     (a value its checks reject, CUDA out of memory, ...), `{"state": "fail", "error": ...}`:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 from hydra.core.hydra_config import HydraConfig
@@ -22,6 +22,9 @@ from optuna.trial import TrialState
 
 from sweeper import objective
 from sweeper.search.recovery import UNREACHABLE, storage_retries
+
+if TYPE_CHECKING:
+    from sweeper.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def configured_pruner() -> optuna.pruners.BasePruner:
 class Reporter:
     """The per-epoch hook of one trial inside a study."""
 
-    def __init__(self, cfg: Any, pruner: optuna.pruners.BasePruner) -> None:
+    def __init__(self, cfg: Config, pruner: optuna.pruners.BasePruner) -> None:
         self.metric = objective.goal(cfg).metric
         self.pruner = pruner
         self.study = optuna.load_study(

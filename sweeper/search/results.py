@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from mlflow.tracking import MlflowClient
@@ -15,6 +15,9 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper import tracking
 from sweeper.objective import Goal
 from sweeper.search import plots
+
+if TYPE_CHECKING:
+    from sweeper.config import Config
 
 
 def constraints(trial: FrozenTrial) -> list[float]:
@@ -121,7 +124,7 @@ def table(study: optuna.Study, goal: Goal, fixed: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
-def hints(study: optuna.Study, cfg: Any, experiment_id: str, parent: str, storage: str) -> str:
+def hints(study: optuna.Study, cfg: Config, experiment_id: str, parent: str, storage: str) -> str:
     """Where to look next: the study's MLflow run, promotion, Optuna's own tools."""
     browse = tracking.ui_link(cfg.tracking.uri, runs_page(experiment_id))
     if cfg.tracking.uri.startswith(("http://", "https://")):

@@ -16,12 +16,12 @@ from typing import Any
 from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
-from sweeper.config import ConfigError
+from sweeper.config import Config, ConfigError
 from sweeper.config import check as check_values
 from sweeper.search.grammar import SearchSpaceError
 
 
-def check_bounds(space: dict[str, BaseDistribution], trial_cfg: Any) -> None:
+def check_bounds(space: dict[str, BaseDistribution], trial_cfg: Config) -> None:
     """SearchSpaceError naming the key when a value the sampler may draw breaks a rule."""
     for key, distribution in space.items():
         node = OmegaConf.select(trial_cfg, key, default=None)
