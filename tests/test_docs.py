@@ -74,3 +74,11 @@ def test_the_built_reference_reads_in_a_browser(site: Path, tmp_path: Path) -> N
         assert "Configuration reference" in links
     finally:
         browser.quit()
+
+
+def test_the_readme_stays_what_a_newcomer_needs_first() -> None:
+    """A short README that points into the site (the manual lives in docs/)."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) < 220
+    for page in ("getting-started", "sweeps", "forgetting", "registry", "development"):
+        assert f"(docs/{page}.md)" in readme and (REPO / "docs" / f"{page}.md").is_file(), page
