@@ -43,6 +43,7 @@ from sweeper import objective, secrets, tracking
 from sweeper.config import ConfigError
 from sweeper.config import check as check_values
 from sweeper.search import executors, grammar, grid, identity, parent_run, results, samplers, space
+from sweeper.search import storage as study_storage
 from sweeper.search.recovery import ERROR_ATTR, WORKER_ATTR, Heartbeat, Recovery, storage_retries
 from sweeper.search.study_lock import StudyLock
 from sweeper.secrets import redact
@@ -77,6 +78,34 @@ class Run:
     def committed(self) -> int:
         """Trials that count against the budget: done, or running here or on another machine."""
         return _done(self.study, self.grid) + _count(self.study, (TrialState.RUNNING,))
+
+
+@dataclass
+class _Trials:
+    """This sweep as the executors see it (executors.Trials): the budget, asking, telling."""
+
+    sweeper: StudySweeper
+    run: Run
+
+    @property
+    def n_trials(self) -> int:
+        return self.run.n_trials
+
+    @property
+    def fixed(self) -> dict[str, str]:
+        return self.run.fixed
+
+    def done(self) -> int:
+        return self.run.done()
+
+    def ask(self, count: int) -> list[optuna.Trial]:
+        return self.sweeper.ask_batch(self.run, count)
+
+    def overrides(self, trial: optuna.Trial) -> list[str]:
+        return self.sweeper.overrides(self.run, trial)
+
+    def finish(self, trial: optuna.Trial, outcome: dict[str, Any]) -> None:
+        self.sweeper.finish(self.run, trial, outcome)
 
 
 class StudySweeper:
@@ -159,7 +188,9 @@ class StudySweeper:
         experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
         lock = StudyLock(storage, self.study_name)
         with lock.held():  # of controllers started at once, exactly one makes tables and study
-            study, created = self._open_study(storage, self._directions(goal))
+            rdb = study_storage.rdb(storage, self.heartbeat_interval, self.recovery.stale)
+            directions = self._directions(goal)
+            study, created = study_storage.open_study(self.study_name, rdb, directions, self.pruner)
             identity.check(study, fingerprint, shown)
             controller = samplers.controller_index(study)
         study.sampler = samplers.build(self.sampler_factory, searched, controller)
@@ -184,8 +215,18 @@ class StudySweeper:
                 run = Run(
                     study, searched, fixed, n_trials, parent, experiment_id, bar, heartbeat, lock, bool(cells)
                 )
-                execute = executors.in_pool if self._asynchronous() else executors.in_batches
-                execute(self, run)
+                trials, idle = _Trials(self, run), min(5, self.heartbeat_interval)
+                if self._asynchronous():
+                    settings = executors.Workers(
+                        self.n_jobs,
+                        self.workers_per_gpu,
+                        str(self.config.device),
+                        self.sweep_dir,
+                        self.pruner,
+                    )
+                    executors.in_pool(trials, settings, idle)
+                else:
+                    executors.in_batches(trials, self.launcher, self.n_jobs, idle, self.scrub_hydra_files)
             status = "FINISHED"
         except (KeyboardInterrupt, Terminated) as stop:
             status = "KILLED"
@@ -198,7 +239,7 @@ class StudySweeper:
             results.log_to_parent(client, parent, study, summary, self.sweep_dir, goal)
             client.set_terminated(parent, status)
             self.scrub_hydra_files()
-            _release(study)
+            study_storage.release(study)
         print(results.table(study, goal, fixed))
         if cells and (failed_cells := grid.report(study.trials, cells)):
             print(failed_cells)
@@ -318,29 +359,6 @@ class StudySweeper:
         many = self.n_jobs > 1 or self.workers_per_gpu is not None
         return many and type(self.launcher).__name__ == "BasicLauncher"
 
-    def _storage(self, url: str) -> Any:
-        """An RDB storage keeps heartbeats of running trials, so dead workers are noticed, and
-        checks its pooled connections before use, so it survives a database restart."""
-        if not url.startswith(("sqlite", "postgresql", "mysql")):
-            return url
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs={} if url.startswith("sqlite") else {"pool_pre_ping": True},
-                heartbeat_interval=self.heartbeat_interval,
-                grace_period=3 * self.heartbeat_interval,
-                heartbeat_stale_trial_callback=self.recovery.stale,
-            )
-
-    def _open_study(self, storage: str, directions: list[str]) -> tuple[optuna.Study, bool]:
-        """The study, and whether this controller created it (call it under the study lock)."""
-        settings = {"study_name": self.study_name, "storage": self._storage(storage), "pruner": self.pruner}
-        try:
-            return optuna.create_study(directions=directions, **settings), True
-        except optuna.exceptions.DuplicatedStudyError:
-            return optuna.load_study(**settings), False
-
     def _settings(self, study: optuna.Study, searched: dict, fixed: dict[str, str]) -> dict[str, Any]:
         """The parent run's params: how the study searches and what it fixes."""
         settings = {
@@ -369,10 +387,3 @@ def _best_so_far(study: optuna.Study) -> str:
     if len(study.directions) > 1:
         return f"{len(best)} on the Pareto front"
     return f"best {best[0].value:.4g} (trial {best[0].number})" if best else "no feasible trial yet"
-
-
-def _release(study: optuna.Study) -> None:
-    """Close the storage's database connections (a stopped controller holds none)."""
-    engine = getattr(study._storage, "engine", None)
-    if engine is not None:
-        engine.dispose()
