@@ -405,3 +405,18 @@ def test_restarts_of_postgresql_and_the_mlflow_server_mid_sweep_lose_nothing(
 def _all_runs(client: MlflowClient) -> list:
     experiment = client.get_experiment_by_name("pet-lora")
     return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+def test_a_trial_that_finds_the_tracking_server_down_is_retried_not_failed(
+    tiny_data, tmp_path, monkeypatch
+) -> None:
+    """The MLflow server restarting as a worker takes a trial (the soak, benchmarks/soak.py): the trial
+    cannot reach it. That is the server's outage, not the trial's parameters: the outcome is a crash,
+    which is re-queued with its parameters and not counted against max_failure_rate (it was a plain
+    failure: the drawn parameters were dropped, and enough of them stopped the sweep)."""
+    down = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(job.trial, "run", lambda *args, **kwargs: tracking.connect(down, "pet-lora"))
+    _, _, cfg = _asked_trial(tiny_data, tmp_path, f"sqlite:///{tmp_path / 'study.db'}", "outage")
+    outcome = job.run(cfg, tmp_path, None, optuna.pruners.NopPruner())
+    assert outcome["state"] == "crash", outcome
+    assert "MLflow server unreachable" in outcome["error"]
