@@ -163,6 +163,11 @@ def resolve_uri(given: str | None, configured: str) -> str:
     return uri
 
 
+class Unreachable(ConfigError):
+    """The tracking server does not answer. Before a sweep starts, a wrong URL (the sweep stops with
+    one line); inside a running sweep, an outage (a restart): the trial is re-queued, not failed."""
+
+
 def _check_reachable(uri: str) -> None:
     """Fail in seconds, not after MLflow's minutes of retries, when a server is down."""
     if not uri.startswith(("http://", "https://")):
@@ -173,7 +178,7 @@ def _check_reachable(uri: str) -> None:
         return  # it answered (e.g. 401 behind auth): reachable
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise ConfigError(f"tracking.uri {redact(uri)!r}: MLflow server unreachable ({reason})") from None
+        raise Unreachable(f"tracking.uri {redact(uri)!r}: MLflow server unreachable ({reason})") from None
 
 
 @contextlib.contextmanager

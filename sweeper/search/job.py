@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from sweeper import objective, report, signals, trial
+from sweeper import objective, report, signals, tracking, trial
 from sweeper.search.pruning import Reporter
 
 if TYPE_CHECKING:
@@ -36,6 +36,9 @@ def run(
     except optuna.TrialPruned as pruned:
         log.info("trial pruned: %s", pruned)
         return {"state": "pruned"}
+    except tracking.Unreachable as outage:  # the server's outage, not the parameters': run them again
+        log.exception("trial could not start")
+        return {"state": "crash", "error": f"{type(outage).__name__}: {outage}"}
     except Exception as error:
         log.exception("trial failed")
         return {"state": "fail", "error": f"{type(error).__name__}: {error}"}
