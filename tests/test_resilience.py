@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 from conftest import (
@@ -27,8 +28,10 @@ from conftest import (
 from mlflow.tracking import MlflowClient
 
 from sweeper import signals, tracking
+from sweeper.registry import versions
 from sweeper.search import job
 from sweeper.search.pruning import Reporter
+from sweeper.search.recovery import Recovery
 from sweeper.search.study import StudySweeper
 from sweeper.signals import Terminated, terminate_as_exception
 
@@ -420,3 +423,27 @@ def test_a_trial_that_finds_the_tracking_server_down_is_retried_not_failed(
     outcome = job.run(cfg, tmp_path, None, optuna.pruners.NopPruner())
     assert outcome["state"] == "crash", outcome
     assert "MLflow server unreachable" in outcome["error"]
+
+
+def test_a_trial_stopped_after_it_registered_its_adapter_leaves_no_version(tmp_path) -> None:
+    """The soak (benchmarks/soak.py, seed 0) found a registered version whose run had ended KILLED:
+    the worker was stopped between registering the adapter and finishing its run. The trial is
+    re-queued, and its re-run registers again; the version of the stopped run must not stay, or
+    promotion could pick an adapter from a run that never finished."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("stopped")
+    run_id = client.create_run(experiment).info.run_id
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter.json").write_text("{}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    versions.register(client, "m-lora", experiment, run_id, folder, {"adapter_sha256": "0" * 64}, "test")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="stopped")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr("run_id", run_id)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    recovery = Recovery(max_retries=2)
+    recovery.client = client
+    assert recovery.retry(study, study.trials[0], "its worker process died mid-trial")
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.search_model_versions(f"run_id = '{run_id}'") == []
