@@ -58,8 +58,11 @@ class Recovery:
         run_id = trial.user_attrs.get("run_id")
         if run_id is not None and self.client is not None:
             self.client.set_tag(run_id, "error", reason)
-            if self.client.get_run(run_id).info.status == "RUNNING":
+            ended = self.client.get_run(run_id).info.status
+            if ended == "RUNNING":
                 self.client.set_terminated(run_id, status)
+            if ended != "FINISHED":
+                self._unregister(run_id)
         retries = trial.user_attrs.get(RETRIES_ATTR, 0)
         if retries >= self.max_retries:
             return False
@@ -74,6 +77,13 @@ class Recovery:
             trial.number, reason, retries + 1,
         )  # fmt: skip
         return True
+
+    def _unregister(self, run_id: str) -> None:
+        """Versions the run registered before it was stopped (registering is its last step; a stop
+        can fall between that and the run's end): a version's run must have finished."""
+        for version in self.client.search_model_versions(f"run_id = '{run_id}'"):
+            self.client.delete_model_version(version.name, version.version)
+            log.info("version %s of %s removed: its run did not finish", version.version, version.name)
 
     def stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's heartbeat callback: a trial whose controller stopped beating was failed."""
