@@ -311,12 +311,9 @@ def check(cluster: Cluster, trials: int) -> tuple[list[tuple[str, bool]], dict[s
         files = mlflow.artifacts.download_artifacts(
             f"models:/{version.name}/{version.version}", dst_path=str(folder), tracking_uri=cluster.tracking
         )
-        if (
-            run is None
-            or run.info.status != "FINISHED"
-            or adapter.digest(Path(files)) != version.tags.get("adapter_sha256")
-        ):
-            bad_versions.append(version.version)
+        status = "no run" if run is None else run.info.status
+        if status != "FINISHED" or adapter.digest(Path(files)) != version.tags.get("adapter_sha256"):
+            bad_versions.append(f"{version.version} (trial {version.tags.get('trial_number')}, run {status})")
     running = [t.number for t in all_trials if t.state.name in ("RUNNING", "WAITING")]
     running_runs = [r.info.run_name for r in found if r.info.status == "RUNNING"]
     leaked = [
@@ -343,7 +340,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=60, help="stop after this long, whatever is left")
-    parser.add_argument("--gap", type=float, default=15, help="mean seconds between faults")
+    parser.add_argument("--gap", type=float, default=8, help="mean seconds between faults")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument(
         "--quick", action="store_true", help="12 trials, a fault every 10 s, 8 minutes at most"
