@@ -4,6 +4,7 @@ folder (conf/ ships in it as sweeper/conf); so does an editable install of it.""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,10 @@ def test_an_editable_install_finds_conf_and_the_plugin_in_the_checkout(source: P
     assert Path(conf) == source / "conf" and editable_finder == "True"
     plugins = run(python, ["-m", "sweeper", "--info", "plugins"], tmp_path)
     assert "OptunaMlflowSweeper" in plugins.stdout, plugins.stdout + plugins.stderr[-3000:]
+
+
+def test_pyproject_names_no_file_that_does_not_exist() -> None:
+    text = (REPO / "pyproject.toml").read_text()
+    named = set(re.findall(r"\b((?:sweeper|tests|docs|conf|benchmarks)/[\w./-]*)", text))
+    named = {path for path in named if "_build" not in path}  # the docs' output folder, made by a build
+    assert named and not [path for path in sorted(named) if not (REPO / path.rstrip("/.")).exists()]
