@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeper import signals, tracking
 from sweeper.registry import versions
-from sweeper.search import job
+from sweeper.search import job, parent_run
 from sweeper.search.pruning import Reporter
 from sweeper.search.recovery import Recovery
 from sweeper.search.study import StudySweeper
@@ -447,3 +447,25 @@ def test_a_trial_stopped_after_it_registered_its_adapter_leaves_no_version(tmp_p
     assert recovery.retry(study, study.trials[0], "its worker process died mid-trial")
     assert client.get_run(run_id).info.status == "FAILED"
     assert client.search_model_versions(f"run_id = '{run_id}'") == []
+
+
+def test_a_stop_while_a_failed_trial_is_recorded_leaves_no_run_running(tmp_path, monkeypatch) -> None:
+    """The soak (benchmarks/soak.py, seed 0) found a run 't62 failed' left RUNNING: its controller
+    was stopped (SIGTERM) between creating the run that records a trial which failed before its own
+    run existed and ending it FAILED. No controller ever ends it afterwards: its trial is finished."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("record")
+    parent = client.create_run(experiment).info.run_id
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="record")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    def stopped(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(client, "log_param", stopped)
+    monkeypatch.setattr(client, "log_batch", stopped)
+    with pytest.raises(Terminated):
+        parent_run.record_failure(client, experiment, parent, "record", study.trials[0], "its worker died")
+    (recorded,) = [r for r in client.search_runs([experiment]) if r.info.run_id != parent]
+    assert recorded.info.status == "FAILED"
