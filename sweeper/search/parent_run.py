@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import optuna
-from mlflow.entities import RunStatus
+from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
@@ -71,9 +71,10 @@ def record_failure(
             "error": redact(reason)[:5000],
         },
     )
-    for key, value in trial.params.items():
-        client.log_param(run.info.run_id, key, str(value))
-    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+    try:  # a stop (SIGTERM) in between still ends it: its trial is finished, nobody else would
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in trial.params.items()])
+    finally:
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
 def _wait_for_user_attr(study: optuna.Study, key: str, timeout: float) -> Any:
