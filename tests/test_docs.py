@@ -80,5 +80,6 @@ def test_the_readme_stays_what_a_newcomer_needs_first() -> None:
     """A short README that points into the site (the manual lives in docs/)."""
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) < 220
-    for page in ("getting-started", "sweeps", "forgetting", "registry", "development"):
+    pages = ("getting-started", "sweeps", "workers", "forgetting", "registry", "reliability", "development")
+    for page in pages:
         assert f"(docs/{page}.md)" in readme and (REPO / "docs" / f"{page}.md").is_file(), page

@@ -1,5 +1,5 @@
-"""The README's SLURM recipe, run as a user runs it: the test writes the recipe's script from
-README.md (sizes, hosts and paths changed, nothing else), submits it with `sbatch` to a one-node
+"""The documented SLURM recipe (docs/workers.md), run as a user runs it: the test writes the recipe's
+script from the page (sizes, hosts and paths changed, nothing else), submits it with `sbatch` to a one-node
 cluster started for the session (tests/slurm_cluster.py), and reads the outcome from Optuna and
 MLflow: two array tasks, each a controller, joining one PostgreSQL study and one `mlflow server`
 with basic auth, the passwords in the environment only. Then `scancel` of one task mid-trial."""
@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from postgres_server import ENVIRONMENT, Server
 from sqlalchemy.engine import make_url
 
-# What the test changes in the recipe: (the README's text, the test's text).
+# What the test changes in the recipe: (the page's text, the test's text).
 RECIPE_SIZES = [
     ("--array=0-3", "--array=0-1"),
     (" --gres=gpu:4", ""),  # no GPU here: workers_per_gpu=2 then means one worker
@@ -142,22 +142,22 @@ def test_scancel_of_one_array_task_mid_trial(slurm, postgres, tiny_data, tmp_pat
 
 
 def recipe() -> str:
-    """The bash block of the README's SLURM recipe."""
-    text = (REPO / "README.md").read_text()
+    """The bash block of the SLURM recipe in docs/workers.md."""
+    text = (REPO / "docs" / "workers.md").read_text()
     found = re.search(r"\*\*SLURM recipe\.\*\*.*?```bash\n(.*?)```", text, re.S)
-    assert found, "README.md has no SLURM recipe (a ```bash block after **SLURM recipe.**)"
+    assert found, "docs/workers.md has no SLURM recipe (a ```bash block after **SLURM recipe.**)"
     return textwrap.dedent(found.group(1))
 
 
 def recipe_script(tiny_data, workdir: Path, storage: str, tracking_uri: str, *extra: str) -> str:
-    """The README's script with this machine's sizes, hosts and paths, the tiny data's overrides
+    """The recipe's script with this machine's sizes, hosts and paths, the tiny data's overrides
     appended to its `python -m sweeper` command."""
     workdir.mkdir()
     script = recipe()
     replacements = [*RECIPE_SIZES, (RECIPE_STORAGE, storage), (RECIPE_TRACKING, tracking_uri),
                     (RECIPE_VENV, str(activate_script(workdir)))]  # fmt: skip
     for old, new in replacements:
-        assert old in script, f"the README's SLURM recipe no longer has {old!r}: update tests/test_slurm.py"
+        assert old in script, f"docs/workers.md: its SLURM recipe lacks {old!r}: update tests/test_slurm.py"
         script = script.replace(old, new)
     lines = script.rstrip("\n").split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith("python -m sweeper -m"))
