@@ -85,6 +85,24 @@ class Recovery:
             self.client.delete_model_version(version.name, version.version)
             log.info("version %s of %s removed: its run did not finish", version.version, version.name)
 
+    def end_orphans(self, study: optuna.Study, experiment_id: str, parent: str) -> int:
+        """End FAILED the RUNNING trial runs under `parent` whose trials are over: a worker that
+        died while the tracking server or the database was down left its run open, and the retry
+        runs under another trial. Runs of trials still running (here or elsewhere) are kept."""
+        over = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        found = self.client.search_runs(
+            [experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
+        )
+        ended = 0
+        for run in found:
+            number = run.data.tags.get("trial_number")
+            if number is not None and int(number) in over:
+                self.client.set_tag(run.info.run_id, "error", "its trial was over: run ended by the sweep")
+                self.client.set_terminated(run.info.run_id, "FAILED")
+                self._unregister(run.info.run_id)
+                ended += 1
+        return ended
+
     def stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's heartbeat callback: a trial whose controller stopped beating was failed."""
         self.retry(study, trial, "its controller stopped sending heartbeats")

@@ -235,6 +235,8 @@ class StudySweeper:
         finally:
             heartbeat.stop()
             lock.close()
+            if status == "FINISHED":
+                self._end_orphans(study, experiment_id, parent)
             summary = results.write(study, self.sweep_dir, goal)
             results.log_to_parent(client, parent, study, summary, self.sweep_dir, goal)
             client.set_terminated(parent, status)
@@ -244,6 +246,14 @@ class StudySweeper:
         if cells and (failed_cells := grid.report(study.trials, cells)):
             print(failed_cells)
         print(results.hints(study, cfg, experiment_id, parent, shown))
+
+    def _end_orphans(self, study: optuna.Study, experiment_id: str, parent: str) -> None:
+        """Runs left open by an outage are ended; a failure here never fails the sweep's end."""
+        try:
+            if ended := self.recovery.end_orphans(study, experiment_id, parent):
+                log.info("%d trial runs left RUNNING by an outage ended FAILED", ended)
+        except Exception as error:  # an outage now: the next controller to finish ends them
+            log.info("open trial runs not checked (%s: %s)", type(error).__name__, error)
 
     # ------------------------------------------------------------------ trials
 
