@@ -48,10 +48,9 @@ def _sha256(identity: tuple[str, int, int]) -> str:
 
 def cached(kind: str, key: dict[str, Any] | str, suffix: str) -> Path:
     """The cache file of `kind` for `key`: a name given as is, or a digest of what it depends on."""
-    name = (
-        key if isinstance(key, str) else hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    )
-    return cache_root() / kind / f"{name[:32] if isinstance(key, dict) else name}{suffix}"
+    if not isinstance(key, str):
+        key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_root() / kind / f"{key}{suffix}"
 
 
 @contextlib.contextmanager

@@ -69,12 +69,15 @@ class Replay:
     seed: int
 
     def __post_init__(self) -> None:
-        drawn = self.per_epoch < len(self.indices)
-        self.draws = [EpochDraw(self.dataset, self.per_epoch, (self.seed, c)) for c in range(self.repeat)]
-        self._sets = self.draws if drawn else [self.dataset] * self.repeat
+        drawn = self.per_epoch < len(self.indices)  # a pool larger than one draw
+        self.draws = (
+            [EpochDraw(self.dataset, self.per_epoch, (self.seed, c)) for c in range(self.repeat)]
+            if drawn
+            else []
+        )
 
     def training_sets(self) -> list[mtt.Dataset]:
-        return list(self._sets)
+        return list(self.draws) if self.draws else [self.dataset] * self.repeat
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the structures the coming `epoch` replays (a no-op without a pool)."""
