@@ -3,7 +3,7 @@
     python benchmarks/soak.py --trials 60 --seed 0      # the acceptance run
     python benchmarks/soak.py --quick                   # a smoke run of ~3 minutes
 
-It starts a throwaway PostgreSQL server (tests/postgres_server.py), a role that must give its
+It starts a throwaway PostgreSQL server (tests/helpers/postgres_server.py), a role that must give its
 password, a real `mlflow server` on PostgreSQL and 2 controllers of 2 workers each on tiny data
 (1 epoch per trial), all on 127.0.0.1. Faults, drawn from `--seed` and overlapping at random:
 SIGKILL and SIGTERM of a worker or a whole controller (restarted after a delay with the same
@@ -42,8 +42,8 @@ from ase.io import read, write
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-import postgres_server  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))  # as pytest does: the tests' helpers are `helpers.*`
+from helpers import postgres_server  # noqa: E402
 
 from sweeper import adapter, embedded  # noqa: E402
 

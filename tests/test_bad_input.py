@@ -7,9 +7,6 @@ flags and model URIs of `python -m sweeper.promote` and `sweeper.export`."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +14,9 @@ import pytest
 import torch
 from ase import Atoms
 from ase.io import read, write
-from conftest import compose_config, run_cli, runs, tiny_overrides
-from mlflow.tracking import MlflowClient
+from helpers.shell import plain_shell
+from helpers.sweeps import compose_config, run_cli, tiny_overrides
+from helpers.tracking import mlflow_client, runs
 
 from sweeper import embedded, trial
 from sweeper.config import ConfigError
@@ -205,12 +203,8 @@ def test_bad_input_fails_before_any_work_with_one_line(case, tiny_data, tmp_path
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     tool, arguments, expected = _bad_cases(tiny_data, tmp_path)[case]
     if tool != "trial":  # the command-line tools, against an empty MLflow store in this folder
-        MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
-        env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-        done = subprocess.run(
-            [sys.executable, "-m", f"sweeper.{tool}", *arguments],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        mlflow_client(tmp_path).search_experiments()
+        done = plain_shell(f"sweeper.{tool}", *arguments, cwd=tmp_path, timeout=300)
         assert done.returncode == 2, done.stderr
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert expected in lines[-1] and "Traceback" not in done.stderr, done.stderr

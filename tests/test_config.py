@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, compose_config, run_cli
+from helpers import REPO
+from helpers.sweeps import compose_config, run_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 

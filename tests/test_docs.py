@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, chromium, needs_chromium
+from helpers import REPO
+from helpers.browser import chromium, needs_chromium
 from selenium.webdriver.common.by import By
 
 from hydra_plugins.pet_lora_sweeper.optuna_mlflow_sweeper import OptunaMlflowSweeperConf

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import merged, run_cli, runs, tiny_overrides
+from helpers.studies import sweep_study
+from helpers.sweeps import merged, run_cli, tiny_overrides
+from helpers.tracking import runs
 
 from sweeper import config
 
@@ -44,10 +45,6 @@ def test_the_presets_the_docs_promise_exist() -> None:
     assert {"smoke", "replay_sweep", "gpu_box", "cluster", *FORGETTING} <= set(PRESETS)
 
 
-def _study(workdir: Path) -> optuna.Study:
-    return optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{workdir / 'pet-lora.db'}")
-
-
 def _sweep(tiny_data, embedded_paths, workdir: Path, *arguments: str):
     """A preset's sweep on tiny data (the embedded original set, so that replay has room)."""
     defaults = [*tiny_overrides(tiny_data, workdir), f"data.original.path={embedded_paths['original']}",
@@ -59,7 +56,7 @@ def _sweep(tiny_data, embedded_paths, workdir: Path, *arguments: str):
 
 def test_the_smoke_preset_runs_its_two_trials(tiny_data, embedded_paths, tmp_path) -> None:
     _sweep(tiny_data, embedded_paths, tmp_path, "experiment=smoke", "train.epochs=2")
-    complete = [t for t in _study(tmp_path).trials if t.state.name == "COMPLETE"]
+    complete = [t for t in sweep_study(tmp_path).trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2
     children = [r for r in runs(tmp_path) if "trial_number" in r.data.tags]
     assert {r.data.params["train.epochs"] for r in children} == {"2"}
@@ -69,7 +66,7 @@ def test_the_replay_sweep_preset_searches_replay_on_a_pareto_front(
     tiny_data, embedded_paths, tmp_path
 ) -> None:
     _sweep(tiny_data, embedded_paths, tmp_path, "experiment=replay_sweep", "hydra.sweeper.n_trials=2")
-    study = _study(tmp_path)
+    study = sweep_study(tmp_path)
     assert len(study.directions) == 2
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2 and all(
@@ -103,4 +100,4 @@ def test_the_gpu_box_preset_runs_its_workers_on_the_cpu_too(tiny_data, embedded_
         tiny_data, embedded_paths, tmp_path, "experiment=gpu_box", "hydra.sweeper.n_trials=2", "device=cpu"
     )
     assert "2 workers" in done.stdout
-    assert len([t for t in _study(tmp_path).trials if t.state.name == "COMPLETE"]) == 2
+    assert len([t for t in sweep_study(tmp_path).trials if t.state.name == "COMPLETE"]) == 2

@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import mlflow
-import optuna
 import pytest
 import torch
-from conftest import compose_config, merged, run_cli, runs, tiny_overrides, trial_cli
+from helpers.studies import sweep_study
+from helpers.sweeps import compose_config, merged, run_cli, tiny_overrides, trial_cli
+from helpers.tracking import runs
 from safetensors.torch import load_file
 
 from sweeper import adapter, data, embedded, evaluate, replay, trial
@@ -176,7 +177,7 @@ def test_a_sweep_searches_the_anchor_weight_and_the_replay_draw(tiny_data, embed
     )
     done = run_cli(["-m", *arguments], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
+    study = sweep_study(tmp_path)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2
     children = {r.info.run_id: r for r in runs(tmp_path) if "trial_number" in r.data.tags}

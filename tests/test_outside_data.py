@@ -5,50 +5,29 @@ another DFT energy reference, no original set, and a large original file."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import optuna
 import pytest
 import torch
 from ase.io import read, write
-from conftest import compose_config, merged, run_cli, runs, tiny_overrides, trial_cli
-from metatomic_ase import MetatomicCalculator
-from mlflow.tracking import MlflowClient
-from outside_data import (
+from helpers.outside_data import (
     BOHR_IN_ANGSTROM,
     HARTREE_IN_EV,
     SHIFTS_EV,
     foundation_overrides,
     hartree_overrides,
 )
+from helpers.shell import plain_shell
+from helpers.studies import sweep_study
+from helpers.sweeps import compose_config, merged, run_cli, tiny_overrides, trial_cli
+from helpers.tracking import adapter_folder, mlflow_client, runs
+from metatomic_ase import MetatomicCalculator
 
 from sweeper import adapter, data, embedded, files, trial
 from sweeper import metatrain as mtt
 from sweeper.config import ConfigError
-
-
-def _client(workdir: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-
-
-def _adapter_folder(workdir: Path, run) -> Path:
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter"))
-
-
-def _cli(args: list[str], cwd: Path, module: str) -> subprocess.CompletedProcess:
-    """A command from a plain shell in `cwd` (MLflow exports the in-process tests' tracking URI)."""
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-
 
 # ------------------------------------------------------------ energy-only, in hartree
 
@@ -75,14 +54,14 @@ def test_energy_only_hartree_trial_reports_meV_and_only_what_the_data_has(hartre
 def test_hartree_metrics_agree_with_mtt_eval_converted_by_hand(hartree, hartree_trial, tmp_path) -> None:
     """The logged meV/atom against metatrain's own evaluation of the same model, in hartree."""
     workdir, _, run = hartree_trial
-    model = adapter.apply(_adapter_folder(workdir, run), hartree["base"])
+    model = adapter.apply(adapter_folder(workdir, run), hartree["base"])
     mtt.export(model, tmp_path / "adapted.pt")  # LoRA in place: exactly the trial's weights
     options = {
         "systems": {"read_from": str(hartree["validation"]), "length_unit": "angstrom"},
         "targets": {"energy": {"key": "dft_energy", "unit": "hartree", "forces": False}},
     }
     (tmp_path / "eval.yaml").write_text(json.dumps(options))
-    done = _cli(["eval", "adapted.pt", "eval.yaml", "-o", "predictions.xyz"], tmp_path, "metatrain")
+    done = plain_shell("metatrain", "eval", "adapted.pt", "eval.yaml", "-o", "predictions.xyz", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     predicted = read(tmp_path / "predictions.xyz", ":")
     labelled = read(hartree["validation"], ":")
@@ -99,7 +78,7 @@ def test_hartree_per_epoch_values_are_metatrains_times_the_factor(hartree_trial)
     workdir, _, run = hartree_trial
     log = (next(workdir.glob("outputs/*/*/trial.log"))).read_text()
     logged = [float(v) for v in re.findall(r"validation energy MAE \(per atom\): +([0-9.]+) hartree", log)]
-    history = _client(workdir).get_metric_history(run.info.run_id, "epoch/val_energy_mae_meV_per_atom")
+    history = mlflow_client(workdir).get_metric_history(run.info.run_id, "epoch/val_energy_mae_meV_per_atom")
     ours = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(logged) == len(ours) == 2
     for hartree_value, mev in zip(logged, ours, strict=True):
@@ -127,7 +106,7 @@ def hartree_sweep(hartree, tmp_path_factory):
 
 def test_energy_only_sweep_optimises_and_prunes_on_the_energy(hartree_sweep) -> None:
     workdir, done = hartree_sweep
-    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{workdir / 'pet-lora.db'}")
+    study = sweep_study(workdir)
     assert len(study.trials) == 3 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
     assert all(t.intermediate_values for t in study.trials)  # reported every epoch: the pruner hears it
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -138,11 +117,11 @@ def test_energy_only_sweep_optimises_and_prunes_on_the_energy(hartree_sweep) -> 
 
 def test_energy_only_promote_verifies_then_export_and_ase_run(hartree, hartree_sweep) -> None:
     workdir, _ = hartree_sweep
-    done = _cli([], workdir, "sweeper.promote")
+    done = plain_shell("sweeper.promote", cwd=workdir)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "verified" in done.stdout and "val_energy_mae_meV_per_atom" in done.stdout
     assert "force" not in done.stdout
-    exported = _cli(["models:/base-lora@champion", "-o", "model.pt"], workdir, "sweeper.export")
+    exported = plain_shell("sweeper.export", "models:/base-lora@champion", "-o", "model.pt", cwd=workdir)
     assert exported.returncode == 0, exported.stderr[-2000:]
     atoms = read(hartree["validation"], "0")
     atoms.calc = MetatomicCalculator(str(workdir / "model.pt"), device="cpu")
@@ -173,7 +152,7 @@ def test_hartree_and_bohr_forces_and_stress_in_meV_match_the_ase_calculator(atom
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
     done, run = trial_cli(overrides, tmp_path)
-    model = adapter.apply(_adapter_folder(tmp_path, run), atomic_units["base"])
+    model = adapter.apply(adapter_folder(tmp_path, run), atomic_units["base"])
     calculator = MetatomicCalculator(mtt.export(model), device="cpu")
     energy, force, stress = [], [], []
     for atoms in read(atomic_units["validation"], ":"):
@@ -242,7 +221,7 @@ def test_stress_is_trained_with_its_loss_weight_and_reported_in_meV_per_A3(stres
 def test_stress_errors_match_the_ase_calculator(stress_trial, stressed) -> None:
     """Recomputed through metatomic's ASE calculator (stress in eV/Å³ from the exported model)."""
     workdir, _, run = stress_trial
-    model = adapter.apply(_adapter_folder(workdir, run), embedded.base_model_path())
+    model = adapter.apply(adapter_folder(workdir, run), embedded.base_model_path())
     calculator = MetatomicCalculator(mtt.export(model), device="cpu")
     errors = []
     for atoms in read(stressed["validation"], ":"):
@@ -312,11 +291,11 @@ def test_lora_on_a_multihead_base_keeps_energy_and_says_what_it_dropped(foundati
     assert len(mtt.model_atomic_types(base)) == 3
     assert run.data.tags["base_targets"] == "energy,non_conservative_force"
     assert run.data.tags["targets"] == "energy"
-    config = adapter.read_config(_adapter_folder(workdir, run))
+    config = adapter.read_config(adapter_folder(workdir, run))
     assert config["targets"] == ["energy"] and config["base_targets"] == ["energy", "non_conservative_force"]
     assert "non_conservative_force dropped" in done.stdout
     assert "val_stress_mae_meV_per_A3" in run.data.metrics and "retained_stress_mae_ratio" in run.data.metrics
-    reapplied = adapter.apply(_adapter_folder(workdir, run), foundation["base"])
+    reapplied = adapter.apply(adapter_folder(workdir, run), foundation["base"])
     assert mtt.model_targets(reapplied) == ["energy"]
 
 
@@ -342,10 +321,10 @@ def test_multihead_sweep_promote_export_and_ase(foundation, tmp_path) -> None:
     ]
     done = run_cli(arguments, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    promoted = _cli([], tmp_path, "sweeper.promote")
+    promoted = plain_shell("sweeper.promote", cwd=tmp_path)
     assert promoted.returncode == 0, promoted.stderr[-2000:]
     assert "verified" in promoted.stdout and "val_stress_mae_meV_per_A3" in promoted.stdout
-    exported = _cli(["models:/base-lora@champion", "-o", "model.pt"], tmp_path, "sweeper.export")
+    exported = plain_shell("sweeper.export", "models:/base-lora@champion", "-o", "model.pt", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr[-2000:]
     from metatomic.torch import load_atomistic_model
 
@@ -420,8 +399,8 @@ def test_a_sweep_without_an_original_set_optimises_the_metric_alone(tiny_data, t
     done = run_cli(arguments, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "alone (no original set" in done.stdout
-    client = _client(tmp_path)
-    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
+    client = mlflow_client(tmp_path)
+    study = sweep_study(tmp_path)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2
     (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
@@ -429,7 +408,7 @@ def test_a_sweep_without_an_original_set_optimises_the_metric_alone(tiny_data, t
     versions = client.search_model_versions()
     assert {v.run_id for v in versions} == {t.user_attrs["run_id"] for t in complete}  # all feasible
     assert {v.tags["retained_metric"] for v in versions} == {"none"}
-    promoted = _cli([], tmp_path, "sweeper.promote")
+    promoted = plain_shell("sweeper.promote", cwd=tmp_path)
     assert promoted.returncode == 0, promoted.stderr[-2000:]
     assert "policy: lowest val_force_mae_meV_per_A, study pet-lora\n" in promoted.stdout  # no retained bound
 
@@ -500,5 +479,5 @@ def test_a_large_original_file_is_cut_down_before_it_is_parsed(
         "retained_force_rmse_meV_per_A",
     ):
         assert first.metrics[name] == second.metrics[name], name
-    run = _client(tmp_path).get_run(first.run_id)
+    run = mlflow_client(tmp_path).get_run(first.run_id)
     assert run.data.tags["data_original_sha256"] == files.file_sha256(large)

@@ -13,7 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_overrides
+from helpers import REPO
+from helpers.sweeps import tiny_overrides
 
 # Nothing is downloaded: the fresh venv sees this venv's torch, metatrain, mlflow, ... through a .pth
 # line. Python does not process .pth files inside a folder that a .pth line adds, so this venv's

@@ -1,4 +1,5 @@
-"""The tests' own throwaway PostgreSQL server (tests/postgres_server.py) does not outlive its session."""
+"""The tests' own throwaway PostgreSQL server (tests/helpers/postgres_server.py) does not outlive its
+session."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import postgres_server
 import pytest
+from helpers import postgres_server
 
 # A test session holding a throwaway server: prints its port and data folder, then waits to be killed.
 SESSION = """
-import time, psycopg2, postgres_server
+import time, psycopg2
+from helpers import postgres_server
 with postgres_server.throwaway(postgres_server.find_pg_ctl()) as server:
     connection = psycopg2.connect(host="127.0.0.1", port=server.url.port, user=server.user, dbname="postgres")
     cursor = connection.cursor()

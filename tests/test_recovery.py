@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import mlflow
 import optuna
-from mlflow.tracking import MlflowClient
+from helpers.tracking import mlflow_client
 from optuna.trial import TrialState
 
 from sweeper.search.recovery import Recovery
 
 
 def test_runs_of_finished_trials_are_ended_and_running_ones_kept(tmp_path) -> None:
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     experiment = client.create_experiment("pet-lora")
     parent = client.create_run(experiment, tags={"role": "study"}).info.run_id
     study = optuna.create_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")

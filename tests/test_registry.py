@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import torch
 from ase.io import read
-from conftest import chromium, needs_chromium, serve_mlflow, sweep_cli
+from helpers.browser import chromium, needs_chromium
+from helpers.shell import plain_shell
+from helpers.sweeps import sweep_cli
+from helpers.tracking import mlflow_client, serve_mlflow
 from mlflow.tracking import MlflowClient
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -29,12 +32,7 @@ TOLERANCE = 100  # the study's objective.retained_tolerance: every trial is regi
 
 
 def promote(workdir: Path, *arguments: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)  # as from a plain shell: conf/'s sqlite:///mlflow.db
-    return subprocess.run(
-        [sys.executable, "-m", "sweeper.promote", *arguments],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return plain_shell("sweeper.promote", *arguments, cwd=workdir, timeout=300)  # conf/'s sqlite:///mlflow.db
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +174,7 @@ def test_bad_names_and_an_empty_registry_are_clear_errors(swept, client, tmp_pat
         models.load(f"models:/{NAME}@gold")
     with pytest.raises(models.ModelError, match="no registered model 'nope'"):
         models.load("models:/nope@champion")
-    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # an empty store
+    mlflow_client(tmp_path).search_experiments()  # an empty store
     empty = promote(tmp_path)
     assert empty.returncode == 2 and "registry is empty" in empty.stderr
     elsewhere = tmp_path / "elsewhere"

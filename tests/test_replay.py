@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import mlflow
-import optuna
 import pytest
 import torch
-from conftest import compose_config, merged, run_cli, runs, tiny_overrides
-from mlflow.tracking import MlflowClient
+from helpers.studies import sweep_study
+from helpers.sweeps import compose_config, merged, run_cli, tiny_overrides
+from helpers.tracking import mlflow_client, runs
 
 from sweeper import adapter, data, embedded, evaluate, replay, trial
 from sweeper import metatrain as mtt
@@ -52,7 +52,7 @@ def test_replay_trains_on_disjoint_structures_and_repeats_exactly(
     indices = _indices(first, tmp_path / "a")
     assert len(indices["retained"]) == 2 and len(indices["replay"]) == 4
     assert not set(indices["retained"]) & set(indices["replay"])
-    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}").get_run(first.run_id)
+    run = mlflow_client(tmp_path / "a").get_run(first.run_id)
     assert run.data.params["original.retained_structures"] == "2"
     assert run.data.params["original.replay_structures"] == "4"
     assert run.info.run_name.endswith("replay4" + ("b" if labels == "base" else ""))
@@ -149,7 +149,7 @@ def test_a_sweep_over_replay_and_method_registers_its_feasible_trials(tiny_data,
     ]
     done = run_cli(arguments, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
+    study = sweep_study(tmp_path)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 4
     assert {t.params["finetune.method"] for t in complete} <= {"lora", "full"}
@@ -159,5 +159,5 @@ def test_a_sweep_over_replay_and_method_registers_its_feasible_trials(tiny_data,
         replayed = t.params["finetune.replay.structures"]
         assert children[t.user_attrs["run_id"]].data.params["original.replay_structures"] == str(replayed)
     feasible = {t.user_attrs["run_id"] for t in complete if t.user_attrs["constraints"][0] <= 0}
-    versions = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions()
+    versions = mlflow_client(tmp_path).search_model_versions()
     assert {v.run_id for v in versions} == feasible

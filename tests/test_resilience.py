@@ -14,17 +14,10 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import (
-    SWEEPER,
-    check_nothing_lost_or_duplicated,
-    compose_config,
-    free_port,
-    run_cli,
-    runs,
-    serve_mlflow,
-    sweep_args,
-    tiny_overrides,
-)
+from helpers.postgres_server import free_port
+from helpers.studies import check_nothing_lost_or_duplicated, sweep_study
+from helpers.sweeps import SWEEPER, compose_config, run_cli, sweep_args, tiny_overrides
+from helpers.tracking import mlflow_client, runs, serve_mlflow
 from mlflow.tracking import MlflowClient
 
 from sweeper import signals, tracking
@@ -34,10 +27,6 @@ from sweeper.search.pruning import Reporter
 from sweeper.search.recovery import Recovery
 from sweeper.search.study import StudySweeper
 from sweeper.signals import Terminated, terminate_as_exception
-
-
-def _study(workdir: Path) -> optuna.Study:
-    return optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{workdir / 'pet-lora.db'}")
 
 
 def _start(arguments: list[str], cwd: Path) -> subprocess.Popen:
@@ -54,7 +43,7 @@ def _wait_for_a_trained_epoch(workdir: Path, process: subprocess.Popen, timeout:
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
         with contextlib.suppress(Exception):
-            client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+            client = mlflow_client(workdir)
             for run in runs(workdir):
                 if run.info.status == "RUNNING" and "trial_number" in run.data.tags:
                     if client.get_metric_history(run.info.run_id, "epoch/train_loss"):
@@ -64,7 +53,7 @@ def _wait_for_a_trained_epoch(workdir: Path, process: subprocess.Popen, timeout:
 
 
 def _nothing_running(workdir: Path) -> None:
-    trials = _study(workdir).trials
+    trials = sweep_study(workdir).trials
     assert not [t.number for t in trials if t.state.name == "RUNNING"]
     assert not [r.info.run_name for r in runs(workdir) if r.info.status == "RUNNING"]
 
@@ -91,12 +80,12 @@ def test_a_signal_to_the_controller_leaves_nothing_running_and_the_resume_meets_
     assert time.monotonic() - stopped_at < 30  # within seconds, not after the trial
     assert "sweep stopped" in stderr and "Traceback" not in stderr
     _nothing_running(tmp_path)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     interrupted = client.get_run(run_id)
     assert interrupted.info.status == "KILLED" and "interrupted" in interrupted.data.tags["error"]
     (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
     assert parent.info.status == "KILLED"
-    trials = _study(tmp_path).trials
+    trials = sweep_study(tmp_path).trials
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert failed and all("interrupted" in t.user_attrs["error"] for t in failed)
     queued = [t for t in trials if t.state.name == "WAITING"]
@@ -116,7 +105,7 @@ def test_a_signal_to_the_controller_leaves_nothing_running_and_the_resume_meets_
         cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    check_nothing_lost_or_duplicated(_study(tmp_path), client, 2)
+    check_nothing_lost_or_duplicated(sweep_study(tmp_path), client, 2)
 
 
 def test_a_sweep_stopped_before_any_trial_completed_prints_its_one_line(tiny_data, tmp_path) -> None:
@@ -218,12 +207,12 @@ def test_sigterm_to_a_worker_ends_its_run_and_its_trial_is_retried(tiny_data, tm
         break
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    check_nothing_lost_or_duplicated(_study(tmp_path), client, 2)
+    client = mlflow_client(tmp_path)
+    check_nothing_lost_or_duplicated(sweep_study(tmp_path), client, 2)
     stopped = [r for r in runs(tmp_path) if r.info.status != "FINISHED" and "trial_number" in r.data.tags]
     assert [r.info.status for r in stopped] == ["KILLED"]  # the worker ended its run on the way out
     assert run_id in {r.info.run_id for r in runs(tmp_path)}
-    retried = [t for t in _study(tmp_path).trials if "retry_of" in t.user_attrs]
+    retried = [t for t in sweep_study(tmp_path).trials if "retry_of" in t.user_attrs]
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
 
 
@@ -236,7 +225,7 @@ def test_sigkill_of_the_controller_is_cleaned_up_by_the_next_one(tiny_data, tmp_
     run_id = _wait_for_a_trained_epoch(tmp_path, process)
     process.kill()
     process.communicate(timeout=60)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody could end it
     resumed = run_cli(
         sweep_args(tiny_data, tmp_path, "train.epochs=1", "hydra.sweeper.n_trials=2", "threads=1", beat),
@@ -247,7 +236,7 @@ def test_sigkill_of_the_controller_is_cleaned_up_by_the_next_one(tiny_data, tmp_
     assert orphan.info.status == "FAILED"
     reasons = ("left running by an earlier process", "stopped sending heartbeats")  # no beat / a stale one
     assert any(reason in orphan.data.tags["error"] for reason in reasons), orphan.data.tags["error"]
-    check_nothing_lost_or_duplicated(_study(tmp_path), client, 2)
+    check_nothing_lost_or_duplicated(sweep_study(tmp_path), client, 2)
     (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
     assert parent.info.status == "FINISHED"
 
@@ -274,7 +263,7 @@ def test_a_trial_that_fails_is_a_failed_trial_and_the_sweep_goes_on(jobs, tiny_d
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    trials = _study(tmp_path).trials
+    trials = sweep_study(tmp_path).trials
     # Each grid cell is tried once: the failed one is not asked again, the good one completes.
     states = [t.state.name for t in trials]
     assert sorted(states) == ["COMPLETE", "FAIL"], states
@@ -297,14 +286,14 @@ def test_a_grid_cell_that_fails_is_tried_once_per_run_of_the_command(tiny_data, 
     )  # fmt: skip
     first = run_cli(arguments, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    trials = _study(tmp_path).trials
+    trials = sweep_study(tmp_path).trials
     cells = [t.params["data.finetune.validation"] for t in trials]
     assert sorted(cells) == sorted([str(tiny_data["validation"]), str(missing)]), cells  # each once
     assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
     assert "grid: 1 of 2 cells failed" in first.stdout and str(missing) in first.stdout, first.stdout
     again = run_cli(arguments, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    retried = _study(tmp_path).trials[len(trials) :]
+    retried = sweep_study(tmp_path).trials[len(trials) :]
     assert [(t.params["data.finetune.validation"], t.state.name) for t in retried] == [(str(missing), "FAIL")]
 
 
@@ -340,7 +329,7 @@ def test_a_late_result_is_kept_in_mlflow_and_dropped_by_optuna(tiny_data, tmp_pa
     reporter(0, {"val_force_mae_meV_per_A": 50.0})  # no error: the trial goes on training
     reporter(1, {"val_force_mae_meV_per_A": 40.0})
     assert reporter.silent
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     run = client.create_run(client.create_experiment("late"))
     sweeper = StudySweeper(None, None, "minimize", storage, "late", 1, 1, 0.25, None, None)
     sweeper.client = client
@@ -399,7 +388,7 @@ def test_restarts_of_postgresql_and_the_mlflow_server_mid_sweep_lose_nothing(
             server.__enter__()
             _, stderr = process.communicate(timeout=900)
             assert process.returncode == 0, stderr[-3000:]
-            study = optuna.load_study(study_name="pet-lora", storage=optuna_url)
+            study = sweep_study(optuna_url)
             check_nothing_lost_or_duplicated(study, client, 4)
         finally:
             server.__exit__(None, None, None)
@@ -430,7 +419,7 @@ def test_a_trial_stopped_after_it_registered_its_adapter_leaves_no_version(tmp_p
     the worker was stopped between registering the adapter and finishing its run. The trial is
     re-queued, and its re-run registers again; the version of the stopped run must not stay, or
     promotion could pick an adapter from a run that never finished."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     experiment = client.create_experiment("stopped")
     run_id = client.create_run(experiment).info.run_id
     folder = tmp_path / "adapter"
@@ -453,7 +442,7 @@ def test_a_stop_while_a_failed_trial_is_recorded_leaves_no_run_running(tmp_path,
     """The soak (benchmarks/soak.py, seed 0) found a run 't62 failed' left RUNNING: its controller
     was stopped (SIGTERM) between creating the run that records a trial which failed before its own
     run existed and ending it FAILED. No controller ever ends it afterwards: its trial is finished."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     experiment = client.create_experiment("record")
     parent = client.create_run(experiment).info.run_id
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="record")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SWEEPER, check_nothing_lost_or_duplicated, serve_mlflow, sweep_args
+from helpers.studies import check_nothing_lost_or_duplicated, sweep_study
+from helpers.sweeps import SWEEPER, sweep_args
+from helpers.tracking import serve_mlflow
 from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 
@@ -46,7 +48,7 @@ def test_controllers_asking_at_once_never_overshoot_the_budget(backend, tmp_path
             subprocess.Popen([sys.executable, "-c", GREEDY_CONTROLLER, storage, "12"]) for _ in range(4)
         ]
         assert [c.wait(timeout=300) for c in controllers] == [0, 0, 0, 0]
-        trials = optuna.load_study(study_name="budget", storage=storage).trials
+        trials = sweep_study(storage, "budget").trials
         assert len(trials) == 12 and {t.state.name for t in trials} == {"COMPLETE"}
 
 
@@ -87,7 +89,7 @@ def test_three_controllers_started_at_once_share_one_study(tiny_data, tmp_path, 
                 for process in started:
                     process.kill()
 
-            study = optuna.load_study(study_name="pet-lora", storage=database)
+            study = sweep_study(database)
             client = MlflowClient(tracking_uri=url)
             check_nothing_lost_or_duplicated(study, client, 5)
             assert len(study.trials) == 5  # the budget held across the three

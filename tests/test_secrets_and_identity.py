@@ -3,15 +3,14 @@ promotion ranks within one study."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import SWEEPER, runs, sweep_args
-from mlflow.tracking import MlflowClient
+from helpers.shell import plain_shell
+from helpers.studies import sweep_study
+from helpers.sweeps import SWEEPER, sweep_args
+from helpers.tracking import mlflow_client, runs
 
 from sweeper.secrets import redact
 
@@ -50,7 +49,7 @@ def test_no_password_in_any_param_tag_artifact_file_log_or_console(
             [*SWEEPER, *arguments], cwd=tmp_path, capture_output=True, text=True, timeout=900
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        study = optuna.load_study(study_name="pet-lora", storage=database)
+        study = sweep_study(database)
         assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2  # the trials reached the storage
     for secret in (USERINFO_SECRET, QUERY_SECRET):
         assert secret not in done.stdout + done.stderr
@@ -66,15 +65,8 @@ def test_no_password_in_any_param_tag_artifact_file_log_or_console(
 
 
 def _sweep(tiny_data, workdir: Path, *arguments: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        [*SWEEPER, *sweep_args(tiny_data, workdir, "train.epochs=1", *arguments)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return plain_shell("sweeper", *sweep_args(tiny_data, workdir, "train.epochs=1", *arguments), cwd=workdir,
+                       timeout=900)  # fmt: skip
 
 
 def test_joining_a_study_with_other_data_is_refused_with_one_line(tiny_data, tmp_path) -> None:
@@ -86,7 +78,7 @@ def test_joining_a_study_with_other_data_is_refused_with_one_line(tiny_data, tmp
     assert other.returncode == 2
     (line,) = [line for line in other.stderr.splitlines() if line.startswith("error:")]
     assert "data.finetune.validation" in line and "hydra.sweeper.study_name=" in line
-    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
+    study = sweep_study(tmp_path)
     assert len(study.trials) == 1  # nothing was added to the old study
     again = _sweep(tiny_data, tmp_path, "hydra.sweeper.n_trials=2", "lora.rank=2,4,8")  # another search space
     assert again.returncode == 2 and "search space" in again.stderr
@@ -107,17 +99,9 @@ def test_promote_ranks_the_most_recent_study_unless_told_otherwise(tiny_data, tm
             tiny_data, tmp_path, "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={name}", tolerant
         )
         assert done.returncode == 0, done.stderr[-3000:]
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
 
     def promote(*arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "sweeper.promote", "--dry-run", *arguments],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        return plain_shell("sweeper.promote", "--dry-run", *arguments, cwd=tmp_path, timeout=300)
 
     def ranked(done: subprocess.CompletedProcess) -> set[str]:
         rows = [line.split() for line in done.stdout.splitlines() if line[:3].strip().isdigit()]
@@ -130,5 +114,5 @@ def test_promote_ranks_the_most_recent_study_unless_told_otherwise(tiny_data, tm
     assert ranked(chosen) == {"older"} and "study older" in chosen.stdout
     every = promote("--all-studies")
     assert ranked(every) == {"older", "newer"} and "all studies" in every.stdout
-    versions = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions()
+    versions = mlflow_client(tmp_path).search_model_versions()
     assert len(versions) == 4

@@ -21,11 +21,13 @@ from pathlib import Path
 import optuna
 import psycopg2
 import pytest
-import slurm_cluster
 import sqlalchemy
-from conftest import REPO, check_nothing_lost_or_duplicated, serve_mlflow, sweep_args
+from helpers import REPO, slurm_cluster
+from helpers.postgres_server import ENVIRONMENT, Server
+from helpers.studies import check_nothing_lost_or_duplicated, sweep_study
+from helpers.sweeps import sweep_args
+from helpers.tracking import serve_mlflow
 from mlflow.tracking import MlflowClient
-from postgres_server import ENVIRONMENT, Server
 from sqlalchemy.engine import make_url
 
 # What the test changes in the recipe: (the page's text, the test's text).
@@ -81,7 +83,7 @@ def test_slurm_recipe_two_array_tasks_share_one_study(slurm, postgres, tiny_data
             assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, job_outputs(workdir)
             assert not seen.leaks, f"a password in process arguments: {seen.leaks}"
             assert not files_holding(workdir, [pg_password, mlflow_password])
-            study = optuna.load_study(study_name="pet-lora", storage=superuser_url)
+            study = sweep_study(superuser_url)
             client = MlflowClient(tracking_uri=tracking_uri)
             check_nothing_lost_or_duplicated(study, client, N_TRIALS)
             assert len(study.trials) == N_TRIALS and study.user_attrs["controllers"] == 2
@@ -114,7 +116,7 @@ def test_scancel_of_one_array_task_mid_trial(slurm, postgres, tiny_data, tmp_pat
                 job_outputs(workdir)
             )
             assert not Path(f"/proc/{victim.pid}").exists()  # SLURM ended the controller
-            study = optuna.load_study(study_name="pet-lora", storage=superuser_url)
+            study = sweep_study(superuser_url)
             client = MlflowClient(tracking_uri=tracking_uri)
             cut = study.trials[victim.number]
             assert cut.state.name == "FAIL", f"trial {victim.number} was not cut mid-way: {cut.state.name}"
@@ -220,7 +222,7 @@ def wait_for_trial_mid_way(cluster, job: str, workdir: Path, storage: str, timeo
         states = {i: s for i, s in cluster.jobs().items() if i.startswith(f"{job}_")}
         assert not set(states.values()) & FINISHED, f"a task ended early: {states}\n{job_outputs(workdir)}"
         if _study_exists(storage):  # before, opening it would create Optuna's tables as the superuser
-            study = optuna.load_study(study_name="pet-lora", storage=storage)
+            study = sweep_study(storage)
             for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 if "run_id" in trial.user_attrs and trial.intermediate_values and len(states) == 2:
                     pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])

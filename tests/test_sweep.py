@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
-from conftest import chromium, free_port, needs_chromium, runs, serve_mlflow, sweep_cli
-from mlflow.tracking import MlflowClient
+from helpers.browser import chromium, needs_chromium
+from helpers.postgres_server import free_port
+from helpers.studies import sweep_study
+from helpers.sweeps import sweep_cli
+from helpers.tracking import mlflow_client, runs, serve_mlflow
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -64,10 +66,6 @@ def test_search_space_mistakes_are_errors(override) -> None:
 _sweep = sweep_cli
 
 
-def _study(workdir: Path, name: str = "pet-lora") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / name}.db")
-
-
 @pytest.fixture(scope="module")
 def rank_sweep(tiny_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sweep")
@@ -78,7 +76,7 @@ def rank_sweep(tiny_data, tmp_path_factory):
 
 def test_rank_sweep_stays_in_its_choices_and_hangs_under_one_parent(rank_sweep) -> None:
     workdir, done = rank_sweep
-    study = _study(workdir)
+    study = sweep_study(workdir)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert {t.params["lora.rank"] for t in study.trials} <= {2, 4}
     all_runs = runs(workdir)
@@ -91,14 +89,14 @@ def test_rank_sweep_stays_in_its_choices_and_hangs_under_one_parent(rank_sweep) 
     assert all(r.info.run_name.startswith(f"t{r.data.tags['trial_number']} r") for r in children)
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
     assert "retained_force_mae_ratio" in done.stdout  # the summary table
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    client = mlflow_client(workdir)
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"optimization_results.yaml", "trials.csv", "plots"} <= top
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/plots.html", "plots/optimization_history.png", "plots/intermediate_values.png"} <= plots
     assert "3 trials" in parent.data.tags["mlflow.note.content"]
     # Exactly the feasible trials are registered, each as one version of one model.
-    study = _study(workdir)
+    study = sweep_study(workdir)
     feasible = {t.user_attrs["run_id"] for t in study.trials if t.user_attrs["constraints"][0] <= 0}
     versions = client.search_model_versions()
     assert {v.run_id for v in versions} == feasible and len(versions) == len(feasible)
@@ -108,7 +106,7 @@ def test_results_file_names_the_best_feasible_trial(rank_sweep) -> None:
     workdir, _ = rank_sweep
     (results,) = workdir.glob("multirun/*/*/optimization_results.yaml")
     summary = yaml.safe_load(results.read_text())
-    study = _study(workdir)
+    study = sweep_study(workdir)
     feasible = [t for t in study.trials if t.user_attrs["constraints"][0] <= 0]
     if feasible:
         best = min(feasible, key=lambda t: t.value)
@@ -124,7 +122,7 @@ def test_resume_runs_only_what_the_budget_has_left(rank_sweep, tiny_data) -> Non
     assert done.returncode == 0, done.stderr[-3000:]
     again = _sweep(tiny_data, workdir, "lora.rank=2,4", "hydra.sweeper.n_trials=4")
     assert again.returncode == 0, again.stderr[-3000:]
-    study = _study(workdir)
+    study = sweep_study(workdir)
     assert len(study.trials) == 4
     # The resumed sampler is seeded anew (seed + controllers so far): no replay of the first draws.
     drawn = [tuple(sorted(t.params.items())) for t in study.trials]
@@ -140,7 +138,7 @@ def test_infeasible_trials_are_kept_and_marked(tiny_data, tmp_path) -> None:
         tiny_data, tmp_path, "lora.rank=2", "hydra.sweeper.n_trials=2", "objective.retained_tolerance=0"
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    study = _study(tmp_path)
+    study = sweep_study(tmp_path)
     assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
     ratios = [t.user_attrs["metrics"]["retained_force_mae_ratio"] for t in study.trials]
     assert all(
@@ -148,7 +146,7 @@ def test_infeasible_trials_are_kept_and_marked(tiny_data, tmp_path) -> None:
         for t, r in zip(study.trials, ratios, strict=True)
     )
     assert "infeasible" in done.stdout or all(r <= 1 for r in ratios)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     assert client.search_model_versions() == []  # infeasible trials are not registered
     assert all(
         r.data.tags.get("registered") == "false" for r in runs(tmp_path) if "trial_number" in r.data.tags
@@ -161,7 +159,7 @@ def test_pareto_mode_writes_solutions(tiny_data, tmp_path) -> None:
     (results,) = tmp_path.glob("multirun/*/*/optimization_results.yaml")
     summary = yaml.safe_load(results.read_text())
     assert summary["solutions"] and all(len(s["values"]) == 2 for s in summary["solutions"])
-    assert len(_study(tmp_path).directions) == 2
+    assert len(sweep_study(tmp_path).directions) == 2
     # objective=pareto brings its own sampler, multi-objective TPE (conf/objective/pareto.yaml)
     (parent,) = [r for r in runs(tmp_path) if r.data.tags.get("role") == "study"]
     assert (
@@ -201,12 +199,12 @@ def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path) -> 
     # The same study, resumed with a learning rate that wrecks the model in one epoch.
     absurd = _sweep(tiny_data, tmp_path, *pruning, "train.lr=0.5", "hydra.sweeper.n_trials=3")
     assert absurd.returncode == 0, absurd.stderr[-3000:]
-    study = _study(tmp_path)
+    study = sweep_study(tmp_path)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     (pruned,) = [r for r in runs(tmp_path) if r.data.tags.get("trial_number") == "2"]
     assert pruned.info.status == "KILLED" and pruned.data.tags["pruned"] == "true"
     assert pruned.data.tags["optuna_state"] == "pruned"
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     logged = {a.path for a in client.list_artifacts(pruned.info.run_id)}
     assert "adapter" not in logged and "config.yaml" in logged  # what it ran, not what it made
     assert "val_force_mae_meV_per_A" not in pruned.data.metrics  # no final evaluation
@@ -229,7 +227,7 @@ def test_custom_search_space_adds_parameters(tiny_data, tmp_path, monkeypatch) -
         "hydra.sweeper.custom_search_space=test_sweep.suggest_weight_decay",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    (trial,) = _study(tmp_path).trials
+    (trial,) = sweep_study(tmp_path).trials
     (child,) = [r for r in runs(tmp_path) if "trial_number" in r.data.tags]
     assert float(child.data.params["train.weight_decay"]) == pytest.approx(trial.params["train.weight_decay"])
 
@@ -264,7 +262,7 @@ def test_the_console_shows_one_line_per_trial_then_the_table_and_where_to_look(r
     for noise in ("FutureWarning", "A new study created", "MLflow database tables"):  # library INFO/warnings
         assert noise not in console, noise
     workdir, _ = rank_sweep
-    complete = [t for t in _study(workdir).trials if t.state.name == "COMPLETE"]
+    complete = [t for t in sweep_study(workdir).trials if t.state.name == "COMPLETE"]
     # The retained-error constraint reaches the sampler the Optuna 5 way (Trial.set_constraint).
     assert complete and all(len(t.constraints) == 1 for t in complete)
     assert "study pet-lora:" in done.stderr  # the progress bar, on stderr
@@ -348,7 +346,7 @@ def test_optuna_dashboard_shows_the_finished_study(rank_sweep, tmp_path) -> None
                 time.sleep(0.5)
         WebDriverWait(browser, 60).until(lambda b: "pet-lora" in body(b) and "Trial 0" in body(b))
         numbers = {int(n) for n in re.findall(r"Trial (\d+)", body(browser))}
-        assert numbers == {t.number for t in _study(workdir).trials}
+        assert numbers == {t.number for t in sweep_study(workdir).trials}
     finally:
         browser.quit()
         os.killpg(server.pid, signal.SIGTERM)
@@ -359,14 +357,14 @@ def test_a_trial_left_running_is_failed_and_retried_with_its_parameters(tiny_dat
     first = _sweep(tiny_data, tmp_path, "lora.rank=2,4", "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
     # A controller killed mid-trial leaves the trial RUNNING in the storage.
-    study = _study(tmp_path)
+    study = sweep_study(tmp_path)
     orphan = study.ask(
         {"lora.rank": CategoricalDistribution([2, 4]), "lora.alpha": FloatDistribution(1.0, 64.0, log=True)}
     )
     orphan_params = dict(orphan.params)
     again = _sweep(tiny_data, tmp_path, "lora.rank=2,4", "hydra.sweeper.n_trials=2")
     assert again.returncode == 0, again.stderr[-3000:]
-    trials = _study(tmp_path).trials
+    trials = sweep_study(tmp_path).trials
     assert trials[orphan.number].state.name == "FAIL"
     retried = [t for t in trials if t.number > orphan.number]
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE"

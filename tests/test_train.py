@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import compose_config
+from helpers.sweeps import compose_config
 
 from sweeper import metatrain as mtt
 from sweeper import train

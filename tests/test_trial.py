@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
-from conftest import compose_config, run_cli, runs, tiny_overrides, trial_cli
-from mlflow.tracking import MlflowClient
+from helpers.sweeps import compose_config, run_cli, tiny_overrides, trial_cli
+from helpers.tracking import adapter_folder, mlflow_client, runs
 
 from sweeper import adapter, embedded, evaluate, files, trial
 from sweeper import metatrain as mtt
@@ -77,7 +76,7 @@ def test_verbose_puts_metatrains_log_on_the_console(tiny_data, tmp_path) -> None
 
 def test_the_experiment_is_a_model_training_one_and_runs_list_their_datasets(cli_trial, tiny_data) -> None:
     workdir, _, run = cli_trial
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    client = mlflow_client(workdir)
     assert (
         client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
         == "custom_model_development"
@@ -112,7 +111,7 @@ def test_run_is_finished_with_metrics_params_tags_and_artifacts(cli_trial) -> No
     assert tags["base_checkpoint_sha256"] == files.file_sha256(embedded.base_model_path())
     assert tags["metatrain_version"] == mtt.METATRAIN_VERSION
     assert {"data_train_sha256", "data_validation_sha256", "data_original_sha256"} <= set(tags)
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    client = mlflow_client(workdir)
     history = client.get_metric_history(run.info.run_id, "epoch/val_force_mae_meV_per_A")
     assert sorted(m.step for m in history) == list(range(int(run.data.metrics["epochs_run"])))
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -123,8 +122,7 @@ def test_run_is_finished_with_metrics_params_tags_and_artifacts(cli_trial) -> No
 
 def test_reapplied_adapter_reproduces_logged_validation_metrics(cli_trial, tiny_data) -> None:
     workdir, _, run = cli_trial
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter"))
+    folder = adapter_folder(workdir, run)
     config = adapter.read_config(folder)
     assert config["rank"] == 4 and config["scaling"] == 16.0 / 4
     assert all(name.rsplit(".", 2)[-2].startswith("lora_") for name in config["tensors"])
@@ -137,8 +135,7 @@ def test_reapplied_adapter_reproduces_logged_validation_metrics(cli_trial, tiny_
 
 def test_adapter_refuses_another_base_checkpoint(cli_trial, tmp_path) -> None:
     workdir, _, run = cli_trial
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter"))
+    folder = adapter_folder(workdir, run)
     checkpoint = torch.load(embedded.base_model_path(), weights_only=False)
     checkpoint["epoch"] = -1
     other = tmp_path / "other.ckpt"

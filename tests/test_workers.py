@@ -16,14 +16,10 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
-from conftest import (
-    SWEEPER,
-    check_nothing_lost_or_duplicated,
-    free_port,
-    run_cli,
-    serve_mlflow,
-    sweep_args,
-)
+from helpers.postgres_server import free_port
+from helpers.studies import check_nothing_lost_or_duplicated, sweep_study
+from helpers.sweeps import SWEEPER, run_cli, sweep_args
+from helpers.tracking import mlflow_client, serve_mlflow
 from mlflow.tracking import MlflowClient
 
 from sweeper import tracking
@@ -50,8 +46,8 @@ def test_four_workers_on_sqlite_lose_and_duplicate_nothing(tiny_data, tmp_path) 
     )
     done = run_cli(args, tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study = sweep_study(tmp_path)
+    client = mlflow_client(tmp_path)
     check_nothing_lost_or_duplicated(study, client, 8)
     assert "4 workers" in done.stdout + done.stderr
     assert {t.user_attrs["worker"] for t in study.trials} == {
@@ -72,7 +68,7 @@ def test_the_same_sweep_on_postgresql_and_an_mlflow_server(tiny_data, tmp_path, 
             )  # fmt: skip
             done = run_cli(args, tmp_path, timeout=900)
             assert done.returncode == 0, done.stderr[-3000:]
-            study = optuna.load_study(study_name="pet-lora", storage=optuna_url)
+            study = sweep_study(optuna_url)
             client = MlflowClient(tracking_uri=url)
             check_nothing_lost_or_duplicated(study, client, 8)
             assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "pet-lora.db").exists()
@@ -105,9 +101,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_completes(tiny_data,
         while victim is None and time.monotonic() < deadline and sweep.poll() is None:
             time.sleep(0.5)
             try:
-                running = optuna.load_study(study_name="pet-lora", storage=storage).get_trials(
-                    states=(optuna.trial.TrialState.RUNNING,)
-                )
+                running = sweep_study(storage).get_trials(states=(optuna.trial.TrialState.RUNNING,))
             except Exception:  # the study does not exist yet
                 continue
             training = [t for t in running if "run_id" in t.user_attrs and t.intermediate_values]
@@ -123,8 +117,8 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_study_completes(tiny_data,
         if sweep.poll() is None:
             sweep.kill()
     assert sweep.returncode == 0, err[-3000:]
-    study = optuna.load_study(study_name="pet-lora", storage=storage)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study = sweep_study(storage)
+    client = mlflow_client(tmp_path)
     check_nothing_lost_or_duplicated(study, client, 3)
     (killed,) = [t for t in study.trials if t.state.name == "FAIL"]
     (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
@@ -141,10 +135,8 @@ def test_hydra_submitit_launcher_runs_the_trials(tiny_data, tmp_path) -> None:
     )  # fmt: skip
     done = run_cli(args, tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{tmp_path / 'pet-lora.db'}")
-    check_nothing_lost_or_duplicated(
-        study, MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), 2
-    )
+    study = sweep_study(tmp_path)
+    check_nothing_lost_or_duplicated(study, mlflow_client(tmp_path), 2)
     assert list(tmp_path.glob("multirun/*/*/.submitit/*/*_result.pkl"))  # submitit ran the jobs
 
 
