@@ -1,19 +1,22 @@
-"""Forgetting control on the embedded default: LoRA, full and heads fine-tuning, with and without replay.
+"""Forgetting control, v2: which configuration fits the new data and keeps the old accuracy.
 
-Each configuration is a small study of our sweeper (`python -m sweeper -m`, random search
-over its own box, Pareto objective so every trial keeps both errors, no pruning, no early
-stopping) at the same budget of training epochs. For every configuration the script
-reports its best trial (lowest fine-tuning validation force MAE) and its Pareto front of
-fine-tuning force error against retained force error, the seconds per epoch (and their
-ratio to LoRA's, next to the ratio of atoms per epoch), and draws all trials in one plot.
+Every configuration is a preset (conf/experiment/forgetting/<row>.yaml, or the defaults), run
+as a small study of our sweeper: `python -m sweeper -m experiment=forgetting/<row> <space>`.
+All rows get the same number of trials, the same epochs (early stopping off), the same seeded
+random sampler and the same search space for the keys they share (LoRA rows: rank, alpha, lr;
+full and heads: lr, each over its own method's range); the Pareto objective keeps both errors
+of every trial. The two rows with the largest hypervolume get a second seed.
 
-    python benchmarks/forgetting.py                          # 6 configurations x 4 trials x 15 epochs
-    python benchmarks/forgetting.py --trials 2 --epochs 3    # a quick look
-    python benchmarks/forgetting.py --plot docs/images/forgetting_pareto.png
+    python benchmarks/forgetting.py --quick                   # 2 rows x 2 trials x 2 epochs: does it run?
+    python benchmarks/forgetting.py                           # every row, 6 trials x 40 epochs (~2 h, 2 cores)
+    python benchmarks/forgetting.py --only lora,lora_replay --trials 6 --plot docs/images/forgetting_v2.png
 
-The target it reports against: a replay configuration with a retained force-MAE ratio at
-most 1.5 and a fine-tuning validation force MAE within 15 % of the best configuration
-without replay.
+It prints (as Markdown, for docs/forgetting.md) the table at equal epochs (each row's best fit and
+its most retentive feasible trial), the table at equal wall time (the fine-tuning error each row
+reaches within the reference row's training time, from the per-epoch curves), each row's front
+and hypervolume against one reference point, plain LoRA's curve (is it converged?), and the
+target check of issue 18: a LoRA adapter with retained force and energy ratios <= 1, a fit no
+worse than the best row without forgetting control, at most 1.5x that row's seconds.
 """
 
 from __future__ import annotations
@@ -23,162 +26,174 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from sweeper import embedded
 
-REPLAY = ["finetune.replay.structures=choice(32, 64, 96)", "finetune.replay.repeat=choice(1, 2)"]
-LORA = [
+LORA_SPACE = [
     "lora.rank=choice(4, 8, 16)",
     "lora.alpha=tag(log, interval(4.0, 64.0))",
     "train.lr=tag(log, interval(3e-4, 3e-3))",
 ]
-NOT_LORA = ["lora.rank=8", "lora.alpha=16"]  # fixed: conf/'s search space would sample them, unused
-FULL = ["finetune=full", "train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]
-HEADS = ["finetune=heads", "train.lr=tag(log, interval(3e-4, 1e-2))", *NOT_LORA]
-CONFIGURATIONS = {
-    "LoRA": LORA,
-    "LoRA + replay (reference)": [*LORA, *REPLAY],
-    "LoRA + replay (base labels)": [*LORA, *REPLAY, "finetune.replay.labels=base"],
-    "full": FULL,
-    "full + replay (reference)": [*FULL, *REPLAY],
-    "heads": HEADS,
+NOT_LORA = ["lora.rank=8", "lora.alpha=16"]  # fixed: the default space would sample them, unused
+ROWS = {  # name -> (preset or None for the defaults, the search space)
+    "lora": ("forgetting/lora", LORA_SPACE),
+    "lora_ffn": ("forgetting/lora_ffn", LORA_SPACE),
+    "full": ("forgetting/full", ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]),
+    "heads": ("forgetting/heads", ["train.lr=tag(log, interval(3e-4, 1e-2))", *NOT_LORA]),
+    "lora_replay": ("forgetting/lora_replay", LORA_SPACE),
+    "lora_ffn_replay": ("forgetting/lora_ffn_replay", LORA_SPACE),
+    "full_replay": ("forgetting/full_replay", ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]),
+    "lora_ffn_anchor": (
+        "forgetting/lora_ffn_anchor",
+        [*LORA_SPACE, "finetune.anchor.weight=tag(log, interval(1e-4, 1e-1))"],
+    ),
+    "default": (None, LORA_SPACE),
 }
-FINETUNE_ATOMS = 80 * 12  # the embedded fine-tuning training set: 80 slabs of 12 atoms
-ORIGINAL_ATOMS_PER_STRUCTURE = 32
+UNCONTROLLED = ("lora", "lora_ffn", "full", "heads")  # no replay, no anchoring
+QUICK = ("lora", "lora_replay")
+VAL_F, RET_F, RET_E = "val_force_mae_meV_per_A", "retained_force_mae_ratio", "retained_energy_mae_ratio"
 
 
 @dataclass
 class Trial:
-    configuration: str
-    val_energy: float
-    val_force: float
-    retained_energy_ratio: float
-    retained_force_ratio: float
-    seconds_per_epoch: float
-    replayed: int  # structures replayed per epoch (structures x repeat)
+    row: str
+    seed: int
+    metrics: dict[str, float]
     params: dict
+    curve: list[tuple[float, float]]  # (seconds since training began, val force MAE) per epoch
 
     @property
-    def replay(self) -> bool:
-        return self.replayed > 0
+    def fit(self) -> float:
+        return self.metrics[VAL_F]
+
+    @property
+    def kept(self) -> float:
+        return self.metrics[RET_F]
+
+    @property
+    def seconds(self) -> float:
+        return self.metrics["train_seconds"]
 
 
-def run_study(
-    name: str, space: list[str], folder: Path, trials: int, epochs: int, threads: int
-) -> list[Trial]:
-    folder.mkdir(parents=True)
-    arguments = [
-        sys.executable,
-        "-m",
-        "sweeper",
-        "-m",
+def command(row: str, trials: int, epochs: int, threads: int, seed: int, folder: Path) -> list[str]:
+    preset, space = ROWS[row]
+    return [
+        *([f"experiment={preset}"] if preset else []),
         *space,
         f"hydra.sweeper.n_trials={trials}",
         f"train.epochs={epochs}",
         "train.early_stopping_patience=null",
         "objective=pareto",
-        "hydra/sweeper/pruner=none",
         "hydra/sweeper/sampler=random",
+        "hydra/sweeper/pruner=none",
         "registry.enabled=false",
+        f"seed={seed}",
         f"threads={threads}",
         f"tracking.uri=sqlite:///{folder}/mlflow.db",
     ]
-    done = subprocess.run(arguments, cwd=folder, capture_output=True, text=True)
+
+
+def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: Path) -> list[Trial]:
+    folder = root / f"{row}-seed{seed}"
+    folder.mkdir(parents=True)
+    arguments = command(row, trials, epochs, threads, seed, folder)
+    done = subprocess.run([sys.executable, "-m", "sweeper", "-m", *arguments], cwd=folder, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"{name}: the study failed\n{done.stderr[-3000:]}")
+        sys.exit(f"{row}: the study failed\n{done.stderr[-3000:]}")
     study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{folder}/pet-lora.db")
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
     found = []
-    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-        m = trial.user_attrs["metrics"]
-        found.append(
-            Trial(
-                name,
-                m["val_energy_mae_meV_per_atom"],
-                m["val_force_mae_meV_per_A"],
-                m["retained_energy_mae_ratio"],
-                m["retained_force_mae_ratio"],
-                m.get("seconds_per_epoch", m["train_seconds"] / m["epochs_run"]),
-                int(trial.params.get("finetune.replay.structures", 0))
-                * int(trial.params.get("finetune.replay.repeat", 1)),
-                trial.params,
-            )
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        history = client.get_metric_history(trial.user_attrs["run_id"], f"epoch/{VAL_F}")
+        start = min((m.timestamp for m in history), default=0) - 1000 * trial.user_attrs["metrics"].get(
+            "seconds_per_epoch", 0.0
         )
+        curve = [((m.timestamp - start) / 1000, m.value) for m in sorted(history, key=lambda m: m.step)]
+        found.append(Trial(row, seed, trial.user_attrs["metrics"], trial.params, curve))
+    print(f"  {row} (seed {seed}): {len(found)} trials, python -m sweeper -m {' '.join(arguments[:-1])}", flush=True)
     return found
 
 
-def pareto(trials: list[Trial]) -> list[Trial]:
+def front(trials: list[Trial]) -> list[Trial]:
     """Trials no other trial beats on both fine-tuning and retained force error."""
+    def dominated(t: Trial) -> bool:
+        return any(o.fit <= t.fit and o.kept <= t.kept and (o.fit, o.kept) != (t.fit, t.kept) for o in trials)
 
-    def dominated(trial: Trial) -> bool:
-        mine = (trial.val_force, trial.retained_force_ratio)
-        return any(
-            other.val_force <= mine[0]
-            and other.retained_force_ratio <= mine[1]
-            and (other.val_force, other.retained_force_ratio) != mine
-            for other in trials
-        )
-
-    return sorted((trial for trial in trials if not dominated(trial)), key=lambda trial: trial.val_force)
+    return sorted((t for t in trials if not dominated(t)), key=lambda t: t.fit)
 
 
-def report(results: dict[str, list[Trial]]) -> None:
-    lora_seconds = sum(t.seconds_per_epoch for t in results["LoRA"]) / max(1, len(results["LoRA"]))
-    header = (
-        f"{'configuration':<28} {'val E':>7} {'val F':>7} {'ret E x':>8} {'ret F x':>8} {'s/epoch':>8}"
-        f" {'vs LoRA':>8} {'atoms x':>8}  best trial's params"
-    )
-    print(header)
-    for name, trials in results.items():
-        if not trials:
-            print(f"{name:<28} no complete trial")
-            continue
-        best = min(trials, key=lambda t: t.val_force)
-        atoms = (FINETUNE_ATOMS + best.replayed * ORIGINAL_ATOMS_PER_STRUCTURE) / FINETUNE_ATOMS
-        params = ", ".join(f"{key.split('.')[-1]}={_short(value)}" for key, value in best.params.items())
+def hypervolume(trials: list[Trial], reference: tuple[float, float]) -> float:
+    """The area the front dominates below `reference` (val force MAE, retained force ratio)."""
+    area, ceiling = 0.0, reference[1]
+    for t in front(trials):  # ascending fit, so descending retained ratio
+        if t.fit < reference[0] and t.kept < ceiling:
+            area += (reference[0] - t.fit) * (ceiling - t.kept)
+            ceiling = t.kept
+    return area
+
+
+def fit_within(trial: Trial, seconds: float) -> float | None:
+    """The best validation force MAE the trial had reached `seconds` into its training."""
+    reached = [value for at, value in trial.curve if at <= seconds]
+    return min(reached) if reached else None
+
+
+def report(results: dict[str, list[Trial]], epochs: int, reference: tuple[float, float]) -> None:
+    rows = {row: trials for row, trials in results.items() if trials}
+    print(f"\n### At equal epochs ({epochs})\n")
+    print("| row | trials | best val F | its val E | its ret. F / E ratio | its s | most retentive: val F, ret. F / E "
+          "| hypervolume |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for row, trials in rows.items():
+        best, keeper = min(trials, key=lambda t: t.fit), min(trials, key=lambda t: t.kept)
         print(
-            f"{name:<28} {best.val_energy:>7.1f} {best.val_force:>7.1f} {best.retained_energy_ratio:>8.2f}"
-            f" {best.retained_force_ratio:>8.2f} {best.seconds_per_epoch:>8.2f}"
-            f" {best.seconds_per_epoch / lora_seconds:>8.2f} {atoms:>8.2f}  {params}"
+            f"| {row} | {len(trials)} | {best.fit:.1f} | {best.metrics['val_energy_mae_meV_per_atom']:.1f} | "
+            f"{best.kept:.2f} / {best.metrics[RET_E]:.2f} | {best.seconds:.0f} | "
+            f"{keeper.fit:.1f}, {keeper.kept:.2f} / {keeper.metrics[RET_E]:.2f} | "
+            f"{hypervolume(trials, reference):.1f} |"
         )
-    print("\nPareto fronts (val F meV/Å, retained F ratio, retained E ratio[, replayed per epoch]):")
-    for name, trials in results.items():
-        front = ", ".join(
-            f"({t.val_force:.1f}, {t.retained_force_ratio:.2f}, {t.retained_energy_ratio:.2f}"
-            + (f", {t.replayed}" if t.replay else "")
-            + ")"
-            for t in pareto(trials)
-        )
-        print(f"  {name:<28} {front}")
-    without = [t for trials in results.values() for t in trials if not t.replay]
-    best_without = min(t.val_force for t in without)
+    uncontrolled = [t for row in UNCONTROLLED for t in rows.get(row, [])]
+    if not uncontrolled:
+        return
+    baseline = min(uncontrolled, key=lambda t: t.fit)
+    budget = baseline.seconds
+    print(f"\n### At equal wall time ({budget:.0f} s: the training time of the best row without control, "
+          f"{baseline.row})\n")  # fmt: skip
+    print("| row | best val F reached within it | epochs reached |\n|---|---|---|")
+    for row, trials in rows.items():
+        reached = [(fit_within(t, budget), sum(at <= budget for at, _ in t.curve)) for t in trials]
+        reached = [r for r in reached if r[0] is not None]
+        if reached:
+            value, count = min(reached)
+            print(f"| {row} | {value:.1f} | {count} |")
+    print(f"\n### Fronts (val F meV/Å, retained F ratio); hypervolume reference {reference}\n")
+    for row, trials in rows.items():
+        print(f"- {row}: " + ", ".join(f"({t.fit:.1f}, {t.kept:.2f})" for t in front(trials)))
+    if "lora" in rows:
+        curve = min(rows["lora"], key=lambda t: t.fit).curve
+        marks = sorted({max(0, len(curve) * q // 4 - 1) for q in (1, 2, 3, 4)})
+        print("\nplain LoRA's best trial, val F by epoch: "
+              + ", ".join(f"{i + 1}: {curve[i][1]:.1f}" for i in marks))  # fmt: skip
     hits = [
-        t
-        for trials in results.values()
-        for t in trials
-        if t.replay and t.retained_force_ratio <= 1.5 and t.val_force <= 1.15 * best_without
-    ]
-    lowest = min(
-        (t for trials in results.values() for t in trials if t.replay),
-        key=lambda t: t.retained_force_ratio,
-        default=None,
-    )
-    print(f"\nbest fine-tuning val force MAE without replay: {best_without:.1f} meV/Å")
+        t for row, trials in rows.items() if row.startswith(("lora", "default")) for t in trials
+        if t.kept <= 1.0 and t.metrics[RET_E] <= 1.0 and t.fit <= baseline.fit and t.seconds <= 1.5 * budget
+    ]  # fmt: skip
     print(
-        f"target (replay: retained F ratio <= 1.5 and val F <= {1.15 * best_without:.1f}): "
-        + (f"met by {len(hits)} trial(s)" if hits else "not met")
+        f"\ntarget (LoRA, retained F and E ratios <= 1, val F <= {baseline.fit:.1f} ({baseline.row}), "
+        f"<= {1.5 * budget:.0f} s): " + (f"met by {len(hits)} trial(s)" if hits else "not met")
     )
-    if lowest is not None:
-        print(
-            f"lowest retained force ratio with replay: {lowest.retained_force_ratio:.2f} "
-            f"(val F {lowest.val_force:.1f}, {lowest.configuration})"
-        )
-    best_ratio_without = min(t.retained_force_ratio for t in without)
-    print(f"lowest retained force ratio without replay: {best_ratio_without:.2f}")
+    closest = min((t for row, ts in rows.items() if row != "full" for t in ts if t.kept <= 1.0), key=lambda t: t.fit,
+                  default=None)  # fmt: skip
+    if closest is not None:
+        print(f"closest with retained F ratio <= 1: {closest.row}, val F {closest.fit:.1f}, "
+              f"retained E ratio {closest.metrics[RET_E]:.2f}, {closest.seconds:.0f} s")  # fmt: skip
 
 
 def plot(results: dict[str, list[Trial]], path: Path) -> None:
@@ -187,66 +202,61 @@ def plot(results: dict[str, list[Trial]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 5))
-    for (name, trials), marker in zip(results.items(), "osD^vP", strict=False):
+    figure, (fronts, curves) = plt.subplots(1, 2, figsize=(12, 5))
+    for (row, trials), marker in zip(results.items(), "osD^vP*Xh", strict=False):
         if not trials:
             continue
-        points = axes.scatter(
-            [t.val_force for t in trials],
-            [t.retained_force_ratio for t in trials],
-            marker=marker,
-            label=name,
-            alpha=0.8,
-        )
-        front = pareto(trials)
-        axes.plot(
-            [t.val_force for t in front],
-            [t.retained_force_ratio for t in front],
-            color=points.get_facecolor()[0],
-            alpha=0.6,
-        )
-    axes.axhline(1.5, color="grey", linestyle=":", linewidth=1)
-    axes.set_xlabel("fine-tuning validation force MAE (meV/Å)")
-    axes.set_ylabel("retained force MAE / base model's")
-    axes.set_title("Forgetting on the embedded default: every trial, Pareto fronts")
-    axes.legend(fontsize=8)
+        dots = fronts.scatter([t.fit for t in trials], [t.kept for t in trials], marker=marker, label=row, alpha=0.7)
+        line = front(trials)
+        fronts.plot([t.fit for t in line], [t.kept for t in line], color=dots.get_facecolor()[0], alpha=0.6)
+        best = min(trials, key=lambda t: t.fit)
+        curves.plot([at for at, _ in best.curve], [v for _, v in best.curve], label=row)
+    fronts.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    fronts.set(xlabel="fine-tuning validation force MAE (meV/Å)", ylabel="retained force MAE / base's",
+               title="every trial; each row's Pareto front")  # fmt: skip
+    curves.set(xlabel="training seconds", ylabel="validation force MAE (meV/Å)", title="each row's best trial")
+    fronts.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     print(f"wrote {path}")
 
 
-def _short(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--trials", type=int, default=4, help="trials per configuration")
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per trial (no early stopping)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", help="comma-separated configuration names")
-    parser.add_argument("--plot", type=Path, help="write the Pareto plot here (PNG)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=6, help="trials per row and seed")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs per trial (no early stopping)")
+    parser.add_argument("--parallel", type=int, default=2, help="studies at once (threads: cores / parallel)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", help="comma-separated rows: " + ", ".join(ROWS))
+    parser.add_argument("--reference", default="60,3", help="hypervolume reference: val F, retained F ratio")
+    parser.add_argument("--plot", type=Path, help="write the fronts and curves here (PNG)")
+    parser.add_argument("--quick", action="store_true", help="rows lora, lora_replay; 2 trials x 2 epochs")
     args = parser.parse_args()
-    chosen = args.only.split(",") if args.only else list(CONFIGURATIONS)
+    if args.quick:
+        args.trials, args.epochs, args.only = 2, 2, args.only or ",".join(QUICK)
+    rows = args.only.split(",") if args.only else list(ROWS)
+    if unknown := set(rows) - set(ROWS):
+        sys.exit(f"--only: unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
+    reference = tuple(float(x) for x in args.reference.split(","))
+    threads = max(1, (os.cpu_count() or 2) // args.parallel)
+    print(f"{len(rows)} rows x {args.trials} trials x {args.epochs} epochs, {args.parallel} studies at once "
+          f"of {threads} threads, seed {args.seed}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-forgetting-") as folder:
         os.environ["PET_LORA_SWEEPER_CACHE"] = str(Path(folder) / "cache")  # base errors, replay labels
         embedded.ensure_datasets()
-        print(
-            f"{len(chosen)} configurations x {args.trials} trials x {args.epochs} epochs, embedded default, "
-            f"{args.threads} threads"
-        )
-        results = {}
-        for index, name in enumerate(chosen):
-            start = time.perf_counter()
-            results[name] = run_study(
-                name, CONFIGURATIONS[name], Path(folder) / str(index), args.trials, args.epochs, args.threads
-            )
-            print(f"  {name}: {len(results[name])} trials in {time.perf_counter() - start:.0f} s", flush=True)
-        print()
-        report(results)
+
+        def run(row: str, seed: int) -> list[Trial]:
+            return run_row(row, args.trials, args.epochs, threads, seed, Path(folder))
+
+        with ThreadPoolExecutor(args.parallel) as pool:
+            results = dict(zip(rows, pool.map(lambda row: run(row, args.seed), rows), strict=True))
+            if not args.quick and len(rows) > 2:  # the two best rows: a second seed
+                best = sorted(rows, key=lambda row: -hypervolume(results[row], reference))[:2]
+                again = pool.map(lambda row: run(row, args.seed + 1), best)
+                for row, trials in zip(best, again, strict=True):
+                    results[f"{row} (seed {args.seed + 1})"] = trials
+        report(results, args.epochs, reference)
         if args.plot:
             plot(results, args.plot)
 

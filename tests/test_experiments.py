@@ -24,6 +24,8 @@ FORGETTING = {  # what each forgetting row changes from the defaults
     "forgetting/full_replay": {"finetune.method": "full", "finetune.replay.repeat": 2},
 }
 
+    "forgetting/heads": {"finetune.method": "heads", "train.epochs": 40},
+    "forgetting/lora_ffn_anchor": {"finetune.anchor.weight": 1e-3, "lora.rank": 16},
 
 def _select(cfg, key: str):
     node = cfg
