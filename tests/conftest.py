@@ -1,5 +1,7 @@
 """The fixtures every test file may ask for: a fresh cache, tiny slices of the embedded data, a
-PostgreSQL server. The helpers the tests import are in tests/helpers/."""
+PostgreSQL server. The helpers the tests import are in tests/helpers/. The end-to-end tests
+(sweeps, workers, servers, clusters) are marked `slow` where they are written: `pytestmark` in
+their modules, `@pytest.mark.slow` on the others."""
 
 from __future__ import annotations
 
@@ -17,28 +19,6 @@ from sweeper import config, embedded
 pytest_plugins = ["helpers.outside_data"]  # data and base models that are not ours
 
 config.register()
-
-# End-to-end tests (sweeps, workers, servers, clusters, many trials): `python -m pytest -m "not slow"`
-# leaves them out while working (a few minutes on 2 cores); the whole suite is what CI runs.
-SLOW_MODULES = {
-    "test_experiments", "test_forgetting_control", "test_outside_data", "test_packaging",
-    "test_postgres_server", "test_registry", "test_replay", "test_resilience", "test_scale_out",
-    "test_slurm", "test_sweep", "test_workers",
-}  # fmt: skip
-SLOW_TESTS = {
-    "test_promote_ranks_the_most_recent_study_unless_told_otherwise",
-    "test_joining_a_study_with_other_data_is_refused_with_one_line",
-    "test_no_password_in_any_param_tag_artifact_file_log_or_console",
-    "test_shipped_base_model_reproduces_its_recorded_errors",
-    "test_pretrain_recipe_writes_a_usable_checkpoint_and_card",
-}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.module.__name__ in SLOW_MODULES or getattr(item, "originalname", "") in SLOW_TESTS:
-            item.add_marker(pytest.mark.slow)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

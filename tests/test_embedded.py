@@ -25,6 +25,7 @@ def test_shipped_base_model_was_trained_on_these_data(embedded_paths) -> None:
     assert card["metatrain_version"].split(".")[:2] == mtt.METATRAIN_VERSION.split(".")[:2]
 
 
+@pytest.mark.slow
 def test_shipped_base_model_reproduces_its_recorded_errors(embedded_paths) -> None:
     """Re-evaluated here, on data generated here: the numbers on the card, within 1e-6."""
     import torch
@@ -53,6 +54,7 @@ def test_default_config_points_at_the_embedded_files(embedded_paths) -> None:
     assert json.loads(embedded.base_model_path().with_suffix(".json").read_text())["parameters"] > 100_000
 
 
+@pytest.mark.slow
 def test_pretrain_recipe_writes_a_usable_checkpoint_and_card(embedded_paths, tmp_path) -> None:
     from sweeper import pretrain
 

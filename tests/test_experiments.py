@@ -11,6 +11,8 @@ from helpers.tracking import runs
 
 from sweeper import config
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 PRESETS = sorted(
     str(path.relative_to(config.CONF_DIR / "experiment").with_suffix(""))
     for path in (config.CONF_DIR / "experiment").rglob("*.yaml")
@@ -22,10 +24,10 @@ FORGETTING = {  # what each forgetting row changes from the defaults
     "forgetting/lora_ffn_replay": {"finetune.replay.structures": 32, "finetune.replay.pool": 96},
     "forgetting/full": {"finetune.method": "full", "train.lr": 3.5e-4},
     "forgetting/full_replay": {"finetune.method": "full", "finetune.replay.repeat": 2},
-}
-
     "forgetting/heads": {"finetune.method": "heads", "train.epochs": 40},
     "forgetting/lora_ffn_anchor": {"finetune.anchor.weight": 1e-3, "lora.rank": 16},
+}
+
 
 def _select(cfg, key: str):
     node = cfg

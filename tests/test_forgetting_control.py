@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from sweeper import adapter, data, embedded, evaluate, replay, trial
 from sweeper import metatrain as mtt
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 TIMINGS = {"train_seconds", "evaluation_seconds", "seconds_per_epoch"}
 
 

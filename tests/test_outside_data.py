@@ -29,6 +29,8 @@ from sweeper import adapter, data, embedded, files, trial
 from sweeper import metatrain as mtt
 from sweeper.config import ConfigError
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 # ------------------------------------------------------------ energy-only, in hartree
 
 

@@ -16,6 +16,8 @@ import pytest
 from helpers import REPO
 from helpers.sweeps import tiny_overrides
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 # Nothing is downloaded: the fresh venv sees this venv's torch, metatrain, mlflow, ... through a .pth
 # line. Python does not process .pth files inside a folder that a .pth line adds, so this venv's
 # editable install of the project (its __editable__ finder) stays inactive there.

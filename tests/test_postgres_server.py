@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import postgres_server
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 # A test session holding a throwaway server: prints its port and data folder, then waits to be killed.
 SESSION = """
 import time, psycopg2

@@ -26,6 +26,8 @@ from sweeper import adapter
 from sweeper import metatrain as mtt
 from sweeper.registry import models
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 NAME = "base_pet_cu-lora"  # derived from the embedded base checkpoint's file name
 METRIC = "val_force_mae_meV_per_A"
 TOLERANCE = 100  # the study's objective.retained_tolerance: every trial is registered

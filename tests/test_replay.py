@@ -15,6 +15,8 @@ from sweeper import adapter, data, embedded, evaluate, replay, trial
 from sweeper import metatrain as mtt
 from sweeper.config import ConfigError
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 TIMINGS = {"train_seconds", "evaluation_seconds", "seconds_per_epoch"}
 
 

@@ -18,6 +18,8 @@ from sqlalchemy.engine import make_url
 
 from sweeper.search.study_lock import StudyLock
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 # Counts and asks under the lock, with a pause between the two that an unlocked
 # controller would lose the race in.
 GREEDY_CONTROLLER = """

@@ -30,6 +30,7 @@ def test_redact_masks_userinfo_and_query_string_passwords() -> None:
     [[], ["hydra.sweeper.n_jobs=2"], ["hydra/launcher=submitit_local"]],
     ids=["in-process", "workers", "submitit"],
 )
+@pytest.mark.slow
 def test_no_password_in_any_param_tag_artifact_file_log_or_console(
     launch, postgres, tiny_data, tmp_path
 ) -> None:
@@ -69,6 +70,7 @@ def _sweep(tiny_data, workdir: Path, *arguments: str) -> subprocess.CompletedPro
                        timeout=900)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_joining_a_study_with_other_data_is_refused_with_one_line(tiny_data, tmp_path) -> None:
     first = _sweep(tiny_data, tmp_path, "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -92,6 +94,7 @@ def test_joining_a_study_with_other_data_is_refused_with_one_line(tiny_data, tmp
     assert renamed.returncode == 0, renamed.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_promote_ranks_the_most_recent_study_unless_told_otherwise(tiny_data, tmp_path) -> None:
     tolerant = "objective.retained_tolerance=100"  # every trial registered
     for name in ("older", "newer"):

@@ -30,6 +30,8 @@ from helpers.tracking import serve_mlflow
 from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 # What the test changes in the recipe: (the page's text, the test's text).
 RECIPE_SIZES = [
     ("--array=0-3", "--array=0-1"),

@@ -23,6 +23,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sweeper.search import grammar
 from sweeper.search.grammar import SearchSpaceError
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 
 @pytest.mark.parametrize(
     ("override", "expected"),

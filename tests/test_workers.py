@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from sweeper import tracking
 from sweeper.search import workers
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 PASSWORD = "not-a-real-secret-42"
 
 
