@@ -1,7 +1,8 @@
 """`python -m sweeper`: one tracked LoRA fine-tuning trial on the composed config.
 
 With `-m`, Hydra runs our Optuna sweeper (hydra_plugins/pet_lora_sweeper), which calls
-this same function once per trial with the sampled overrides and `sweep.*` set.
+this same function once per trial with the sampled overrides and `+sweep.*` appended
+(sweeper/search/membership.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sweeper import config, secrets
+from sweeper.search import membership
 from sweeper.signals import Terminated, exit_code, terminate_as_exception
 
 config.register()
@@ -29,7 +31,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(runtime.runtime.output_dir)
     log_file = output_dir / f"{runtime.job.name}.log"
     secrets.scrub_hydra_files(output_dir)  # Hydra wrote the command line there already
-    if cfg.sweep.study_name is not None:  # a trial of a study: report epochs, may be pruned, may fail
+    if membership.of(cfg) is not None:  # a trial of a study: report epochs, may be pruned, may fail
         from sweeper.search import job
         from sweeper.search.pruning import configured_pruner
 

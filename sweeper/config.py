@@ -188,17 +188,6 @@ class ObjectiveConfig:
 
 
 @dataclass
-class SweepConfig:
-    """Set by the sweeper for each trial; all null in a single run."""
-
-    study_name: str | None = None  # the Optuna study the trial belongs to
-    storage: str | None = None  # the study's storage URL
-    trial_number: int | None = None  # the trial's number in the study
-    trial_id: int | None = None  # Optuna's storage id, to report per-epoch values
-    parent_run_id: str | None = None  # the study's MLflow run, the trial run's parent
-
-
-@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # sqlite:///..., postgresql://... or an http:// server
     experiment: str = "pet-lora"  # the MLflow experiment of every run
@@ -222,7 +211,6 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0  # metatrain's seed and the replay draws: same seed and threads, same numbers
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch threads; null: every core this process may use

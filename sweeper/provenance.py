@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,8 +13,11 @@ from sweeper import config, data, devices, replay, tracking
 from sweeper import metatrain as mtt
 from sweeper.config import Config, EnergyReference, Method
 
+if TYPE_CHECKING:
+    from sweeper.search.membership import Membership
 
-def run_name(cfg: Config) -> str:
+
+def run_name(cfg: Config, membership: Membership | None = None) -> str:
     """Says what the trial is: `r8 a16 lr1e-3`, `t3 r8 a16 lr3e-4` in a sweep, `full lr1e-3`,
     `r8 a16 lr1e-3 replay64` with 64 replayed structures (`replay64b`: base labels, `x2`: repeat,
     `replay16of256`: 16 drawn each epoch from a pool of 256), `anchor0.01` with an L2-SP weight."""
@@ -27,7 +31,7 @@ def run_name(cfg: Config) -> str:
         name += f" replay{mixed.structures}{pool}{labels}" + (f"x{mixed.repeat}" if mixed.repeat > 1 else "")
     if cfg.finetune.anchor.weight:
         name += f" anchor{cfg.finetune.anchor.weight:.3g}"
-    return name if cfg.sweep.trial_number is None else f"t{cfg.sweep.trial_number} {name}"
+    return name if membership is None else f"t{membership.trial_number} {name}"
 
 
 def tags(
@@ -37,6 +41,7 @@ def tags(
     device: torch.device,
     threads: int,
     base_targets: list[str],
+    membership: Membership | None = None,
 ) -> dict[str, str]:
     """Checkpoint, data digests, versions and hardware: what decides whether two runs compare."""
     found = {
@@ -52,8 +57,8 @@ def tags(
         "threads": str(threads),
     }
     found |= {f"data_{role}_sha256": sha for role, sha in datasets.sha256.items()}
-    if cfg.sweep.study_name is not None:
-        found |= {"study_name": cfg.sweep.study_name, "trial_number": str(cfg.sweep.trial_number)}
+    if membership is not None:
+        found |= membership.tags()
     commit = tracking.git_commit(Path(__file__).parent)
     if commit:
         found["mlflow.source.git.commit"] = commit

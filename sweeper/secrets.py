@@ -5,7 +5,7 @@ Passwords reach us inside URLs: `postgresql://user:secret@host/db` (user-info) o
 process. Hydra writes a job's command line into `.hydra/overrides.yaml`, `hydra.yaml` and
 `config.yaml`, and a sweep's into `multirun.yaml`: `scrub_hydra_files` rewrites those
 files with the same masking once Hydra has written them. The storage URL itself never
-travels to a trial on the command line (search/study.py: an environment variable).
+travels to a trial on the command line (search/membership.py: an environment variable).
 """
 
 from __future__ import annotations

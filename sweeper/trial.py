@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import OmegaConf
@@ -37,6 +38,9 @@ from sweeper import (
 from sweeper import metatrain as mtt
 from sweeper.config import Config, ConfigError, EnergyReference, Method
 from sweeper.registry import versions
+
+if TYPE_CHECKING:
+    from sweeper.search.membership import Membership
 
 EpochCallback = train.EpochCallback
 
@@ -62,7 +66,9 @@ def run(
     on_epoch: EpochCallback | None = None,
     log_file: Path | None = None,
     on_start: Callable[[str], None] | None = None,
+    membership: Membership | None = None,
 ) -> TrialResult:
+    """One trial; `membership`: its study, when a sweep runs it (sweeper/search/membership.py)."""
     # --- 1. input checks: cheap, before any training or tracking ---------------------
     config.check(cfg)
     goal = objective.goal(cfg)
@@ -86,16 +92,16 @@ def run(
     base_targets = mtt.model_targets(base)
 
     # --- 2. the tracked work ------------------------------------------------------------
-    tags = provenance.tags(cfg, base_sha, datasets, device, threads, base_targets)
+    tags = provenance.tags(cfg, base_sha, datasets, device, threads, base_targets, membership)
     params = config.flatten(cfg) | provenance.original_sizes(datasets, replay_indices)
     with tracking.trial_run(
         experiment_id,
-        cfg.tracking.run_name or provenance.run_name(cfg),
+        cfg.tracking.run_name or provenance.run_name(cfg, membership),
         params,
         tags,
         cfg.tracking.system_metrics,
         log_file,
-        parent_run_id=cfg.sweep.parent_run_id,
+        parent_run_id=membership.parent_run_id if membership is not None else None,
     ) as trial:
         if on_start is not None:
             on_start(trial.run_id)
@@ -122,7 +128,9 @@ def run(
         trial.log_metrics(done.metrics)
         trial.log_artifacts(adapter_dir, "adapter")
         trial.set_tags({"stopped_early": str(done.epochs_run < cfg.train.epochs).lower()})
-        registered = _register(cfg, goal, trial, done.metrics, adapter_dir, base_sha, experiment_id)
+        registered = _register(
+            cfg, goal, trial, done.metrics, adapter_dir, base_sha, experiment_id, membership
+        )
         return TrialResult(
             metrics=done.metrics,
             run_id=trial.run_id,
@@ -231,6 +239,7 @@ def _register(
     adapter_dir: Path,
     base_sha: str,
     experiment_id: str,
+    membership: Membership | None,
 ) -> str | None:
     """A version in the model registry for a feasible trial; returns `name/version`.
 
@@ -250,7 +259,7 @@ def _register(
         experiment_id,
         trial.run_id,
         adapter_dir,
-        versions.version_tags(cfg, goal, metrics, trial.run_id, adapter_dir, base_sha),
+        versions.version_tags(cfg, goal, metrics, trial.run_id, adapter_dir, base_sha, membership),
         versions.description(cfg, base_sha),
     )
     trial.set_tags({"registered": "true", "registered_model": name, "registered_version": version.version})

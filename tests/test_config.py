@@ -93,11 +93,11 @@ def test_passwords_in_urls_never_reach_mlflow_params() -> None:
     cfg = compose_config(
         [
             "tracking.uri=http://admin:s3cret-pass@mlflow:5000",
-            "sweep.storage=postgresql://u:pw%21x@db:5432/optuna",
+            "data.finetune.train=https://u:pw%21x@data.example/train.xyz",
         ]
     )
     flat = config.flatten(cfg)
     assert flat["tracking.uri"] == "http://admin:***@mlflow:5000"
-    assert flat["sweep.storage"] == "postgresql://u:***@db:5432/optuna"
+    assert flat["data.finetune.train"] == "https://u:***@data.example/train.xyz"
     assert not any("s3cret" in value or "pw%21x" in value for value in flat.values())
     assert "s3cret" not in config.redact(OmegaConf.to_yaml(cfg, resolve=True))  # the logged config.yaml

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeper import signals, tracking
 from sweeper.registry import versions
-from sweeper.search import job, parent_run
+from sweeper.search import job, membership, parent_run
 from sweeper.search.pruning import Reporter
 from sweeper.search.recovery import Recovery
 from sweeper.search.study import StudySweeper
@@ -124,19 +124,14 @@ def test_a_sweep_stopped_before_any_trial_completed_prints_its_one_line(tiny_dat
     assert len(printed) == 1 and printed[0].startswith(stop), "\n".join(console)
 
 
-def _asked_trial(tiny_data, workdir: Path, storage: str, name: str):
-    """(study, trial, the trial's config): a trial asked of a new study, as a sweep hands it out."""
+def _asked_trial(tiny_data, workdir: Path, storage: str, name: str, monkeypatch):
+    """(study, trial, the trial's config): a trial asked of a new study, as a sweep hands it out
+    (the storage URL in the environment, the rest in `+sweep.*` overrides)."""
     study = optuna.create_study(study_name=name, storage=storage)
     trial = study.ask()
-    cfg = compose_config(
-        [
-            *tiny_overrides(tiny_data, workdir),
-            f"sweep.study_name={name}",
-            f"sweep.storage={storage}",
-            f"sweep.trial_id={trial._trial_id}",
-            f"sweep.trial_number={trial.number}",
-        ]
-    )
+    monkeypatch.setenv(membership.STORAGE_ENV, storage)
+    told = membership.Membership(name, trial.number, trial._trial_id).overrides()
+    cfg = compose_config([*tiny_overrides(tiny_data, workdir), *told])
     return study, trial, cfg
 
 
@@ -164,7 +159,7 @@ def test_a_signal_that_native_code_turns_into_an_error_still_stops_the_trial(
     assert ended.info.status == "KILLED" and ended.data.tags["error"].startswith("interrupted")
     # job.run returns any other error as a failed trial; a stop goes through, to be queued again.
     monkeypatch.setattr(job.trial, "run", lambda *args, **kwargs: _native_call(signum))
-    _, _, cfg = _asked_trial(tiny_data, tmp_path, f"sqlite:///{tmp_path / 'study.db'}", "native")
+    _, _, cfg = _asked_trial(tiny_data, tmp_path, f"sqlite:///{tmp_path / 'study.db'}", "native", monkeypatch)
     with terminate_as_exception(), pytest.raises(stop):
         job.run(cfg, tmp_path, None, optuna.pruners.NopPruner())
     signals.raise_pending()  # nothing stale after the block
@@ -319,12 +314,12 @@ def test_a_replay_space_below_one_batch_stops_before_the_study(space, tiny_data,
     assert not (tmp_path / "pet-lora.db").exists()
 
 
-def test_a_late_result_is_kept_in_mlflow_and_dropped_by_optuna(tiny_data, tmp_path) -> None:
+def test_a_late_result_is_kept_in_mlflow_and_dropped_by_optuna(tiny_data, tmp_path, monkeypatch) -> None:
     """A trial failed as stale (its heartbeats lost in a database outage) while its worker ran
     on: its per-epoch reports and its final result arrive after Optuna finished it."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    study, trial, cfg = _asked_trial(tiny_data, tmp_path, storage, "late")
-    reporter = Reporter(cfg, optuna.pruners.MedianPruner())
+    study, trial, cfg = _asked_trial(tiny_data, tmp_path, storage, "late", monkeypatch)
+    reporter = Reporter(membership.of(cfg), cfg, optuna.pruners.MedianPruner())
     study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # what a stale heartbeat does
     reporter(0, {"val_force_mae_meV_per_A": 50.0})  # no error: the trial goes on training
     reporter(1, {"val_force_mae_meV_per_A": 40.0})
@@ -408,7 +403,7 @@ def test_a_trial_that_finds_the_tracking_server_down_is_retried_not_failed(
     failure: the drawn parameters were dropped, and enough of them stopped the sweep)."""
     down = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setattr(job.trial, "run", lambda *args, **kwargs: tracking.connect(down, "pet-lora"))
-    _, _, cfg = _asked_trial(tiny_data, tmp_path, f"sqlite:///{tmp_path / 'study.db'}", "outage")
+    _, _, cfg = _asked_trial(tiny_data, tmp_path, f"sqlite:///{tmp_path / 'study.db'}", "outage", monkeypatch)
     outcome = job.run(cfg, tmp_path, None, optuna.pruners.NopPruner())
     assert outcome["state"] == "crash", outcome
     assert "MLflow server unreachable" in outcome["error"]

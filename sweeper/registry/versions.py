@@ -23,6 +23,7 @@ from sweeper.objective import Goal
 
 if TYPE_CHECKING:
     from sweeper.config import Config
+    from sweeper.search.membership import Membership
 
 CHAMPION, PREVIOUS = "champion", "previous"
 # Not "adapter": MLflow resolves `runs:/<id>/<name>` to a run's logged model of that name,
@@ -41,12 +42,18 @@ NO_RETAINED_METRIC = "none"  # the retained_metric tag of a study without an ori
 
 
 def version_tags(
-    cfg: Config, goal: Goal, metrics: dict[str, float], run_id: str, adapter_dir: Path, base_sha: str
+    cfg: Config,
+    goal: Goal,
+    metrics: dict[str, float],
+    run_id: str,
+    adapter_dir: Path,
+    base_sha: str,
+    membership: Membership | None = None,
 ) -> dict:
     """Everything a version must say about itself; floats in full precision (repr)."""
     tags: dict[str, str] = {}
-    if cfg.sweep.study_name is not None:
-        tags |= {"study_name": cfg.sweep.study_name, "trial_number": str(cfg.sweep.trial_number)}
+    if membership is not None:
+        tags |= membership.tags()
     tags |= {
         "run_id": run_id,
         "objective_metric": goal.metric,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from sweeper import objective, report, signals, tracking, trial
+from sweeper.search import membership
 from sweeper.search.pruning import Reporter
 
 if TYPE_CHECKING:
@@ -28,10 +29,18 @@ def run(
     (a value its checks reject, CUDA out of memory, ...), `{"state": "fail", "error": ...}`:
     a failed trial is recorded and the study goes on."""
     try:
-        reporter = Reporter(cfg, pruner)
+        member = membership.of(cfg)
+        if member is None:
+            raise RuntimeError("not a trial of a study: the sweeper appends +sweep.* to its overrides")
+        reporter = Reporter(member, cfg, pruner)
         with signals.stop_wins():  # a signal that native code turned into an error stops the sweep
             result = trial.run(
-                cfg, output_dir, on_epoch=reporter, log_file=log_file, on_start=reporter.started
+                cfg,
+                output_dir,
+                on_epoch=reporter,
+                log_file=log_file,
+                on_start=reporter.started,
+                membership=member,
             )
     except optuna.TrialPruned as pruned:
         log.info("trial pruned: %s", pruned)

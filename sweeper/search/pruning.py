@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from optuna.trial import TrialState
 
 from sweeper import objective
+from sweeper.search import membership
 from sweeper.search.recovery import UNREACHABLE, storage_retries
 
 if TYPE_CHECKING:
@@ -40,16 +41,15 @@ def configured_pruner() -> optuna.pruners.BasePruner:
 class Reporter:
     """The per-epoch hook of one trial inside a study."""
 
-    def __init__(self, cfg: Config, pruner: optuna.pruners.BasePruner) -> None:
+    def __init__(self, member: membership.Membership, cfg: Config, pruner: optuna.pruners.BasePruner) -> None:
         self.metric = objective.goal(cfg).metric
         self.pruner = pruner
-        self.study = optuna.load_study(
-            study_name=cfg.sweep.study_name, storage=cfg.sweep.storage, pruner=pruner
-        )
-        self.trial = optuna.trial.Trial(self.study, cfg.sweep.trial_id)
+        storage = membership.storage()  # from the environment: it may hold a password
+        self.study = optuna.load_study(study_name=member.study_name, storage=storage, pruner=pruner)
+        self.trial = optuna.trial.Trial(self.study, member.trial_id)
         self.pareto = len(self.study.directions) > 1
         self.curve: dict[str, float] = {}
-        self.number = cfg.sweep.trial_number
+        self.number = member.trial_number
         self.silent = False
 
     def started(self, run_id: str) -> None:

@@ -44,6 +44,7 @@ from sweeper.config import ConfigError
 from sweeper.config import check as check_values
 from sweeper.search import executors, grammar, grid, identity, parent_run, results, samplers, space
 from sweeper.search import storage as study_storage
+from sweeper.search.membership import STORAGE_ENV, Membership
 from sweeper.search.recovery import ERROR_ATTR, WORKER_ATTR, Heartbeat, Recovery, storage_retries
 from sweeper.search.study_lock import StudyLock
 from sweeper.secrets import redact
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 # We keep heartbeats ourselves, outside Study.optimize (recovery.Heartbeat).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-STORAGE_ENV = "PET_LORA_SWEEPER_STORAGE"  # how trials get the storage URL (it may hold a password)
 MIN_FINISHED_FOR_FAILURE_RATE = 4  # one early failure does not stop a sweep
 
 
@@ -275,13 +275,8 @@ class StudySweeper:
     def overrides(self, run: Run, trial: optuna.Trial) -> list[str]:
         """A trial's Hydra overrides; the storage URL stays out of them (and out of every
         file and log Hydra writes): the trial reads it from the environment."""
-        return grammar.overrides(trial.params, run.fixed) + [
-            f"sweep.study_name={self.study_name}",
-            f"sweep.storage='${{oc.env:{STORAGE_ENV}}}'",
-            f"sweep.trial_number={trial.number}",
-            f"sweep.trial_id={trial._trial_id}",
-            f"sweep.parent_run_id={run.parent}",
-        ]
+        member = Membership(self.study_name, trial.number, trial._trial_id, run.parent)
+        return grammar.overrides(trial.params, run.fixed) + member.overrides()
 
     def finish(self, run: Run, trial: optuna.Trial, outcome: dict[str, Any]) -> None:
         """Tell Optuna, tag the MLflow run, print the trial's line, and watch the failure rate."""
