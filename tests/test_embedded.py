@@ -46,7 +46,7 @@ def test_base_model_is_meaningful_on_its_own_training_set() -> None:
 
 
 def test_default_config_points_at_the_embedded_files(embedded_paths) -> None:
-    from conftest import compose_config
+    from helpers.sweeps import compose_config
 
     cfg = compose_config([])
     assert cfg.data.finetune.train == str(embedded_paths["train"])
