@@ -28,6 +28,8 @@ from sweeper.search.recovery import Recovery
 from sweeper.search.study import StudySweeper
 from sweeper.signals import Terminated, terminate_as_exception
 
+pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
+
 
 def _start(arguments: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
