@@ -71,3 +71,63 @@ def test_the_check_finds_a_repeated_default_and_an_unknown_key(tmp_path: Path) -
         "loss_weights.forces",
         "lr",
     ]
+
+
+SAMPLERS = ("tpe", "motpe", "random", "grid", "gp", "cmaes", "nsgaii", "qmc")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
+
+
+def _sweeper_node(overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_dir
+
+    config.register()
+    with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True).hydra.sweeper
+
+
+def test_samplers_and_pruners_are_typed_configs_not_files() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from hydra_plugins.pet_lora_sweeper import optuna_config
+
+    store = ConfigStore.instance()
+    for group, names in ((optuna_config.SAMPLERS, SAMPLERS), (optuna_config.PRUNERS, PRUNERS)):
+        assert sorted(store.list(group)) == sorted(f"{name}.yaml" for name in names)
+        assert not (config.CONF_DIR / group).exists(), f"conf/{group}/ would shadow the typed configs"
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_composes_and_instantiates_seeded(name: str) -> None:
+    import optuna
+    from hydra.utils import instantiate
+
+    from sweeper.search import samplers
+
+    factory = instantiate(_sweeper_node([f"hydra/sweeper/sampler={name}", "seed=7"]).sampler)
+    assert factory.keywords["seed"] == 7  # `${seed}`, resolved at the root
+    assert samplers.is_grid(factory) == (name == "grid")
+    space = {"lora.rank": optuna.distributions.CategoricalDistribution([4, 8])}
+    assert isinstance(samplers.build(factory, space), optuna.samplers.BaseSampler)
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_every_pruner_composes_and_instantiates(name: str) -> None:
+    import optuna
+    from hydra.utils import instantiate
+
+    pruner = instantiate(_sweeper_node([f"hydra/sweeper/pruner={name}"]).pruner)
+    assert isinstance(pruner, optuna.pruners.BasePruner)
+
+
+def test_objective_pareto_picks_motpe_and_the_command_line_wins() -> None:
+    assert _sweeper_node([]).sampler.n_startup_trials == 5 and "multivariate" not in _sweeper_node([]).sampler
+    assert _sweeper_node(["objective=pareto"]).sampler.multivariate is True
+    chosen = _sweeper_node(["objective=pareto", "hydra/sweeper/sampler=random"]).sampler
+    assert chosen._target_ == "optuna.samplers.RandomSampler"
+
+
+def test_a_typo_in_a_sampler_key_is_rejected() -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        _sweeper_node(["hydra.sweeper.sampler.n_startup_trial=3"])
