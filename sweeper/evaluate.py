@@ -12,12 +12,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from omegaconf import OmegaConf
 
 from sweeper import metatrain as mtt
 from sweeper import objective
 from sweeper.files import cached, written_atomically
+
+if TYPE_CHECKING:
+    from sweeper.config import Config
+    from sweeper.data import Datasets
 
 # Part of the base-error cache key: bump when `errors` would give other numbers.
 EVALUATION_VERSION = 3
@@ -85,3 +91,36 @@ def base_errors(
     with written_atomically(path) as tmp:
         tmp.write_text(json.dumps({"key": key, "errors": result}, indent=2))
     return result, False
+
+
+def trial_metrics(
+    cfg: Config,
+    model: mtt.PET,
+    datasets: Datasets,
+    device: torch.device,
+    base_sha: str,
+    offsets: dict[int, float],
+) -> dict[str, float]:
+    """The adapted model's errors: `val_`, `test_` and, with an original set, `retained_` next to
+    the base's (`base_`, cached); retention is measured without the refit energy offsets."""
+    labels = datasets.labels["finetune"]
+    metrics = {f"val_{k}": v for k, v in errors(model, datasets.validation, labels, device).items()}
+    if datasets.test is not None:
+        metrics |= {f"test_{k}": v for k, v in errors(model, datasets.test, labels, device).items()}
+    if datasets.original is not None:
+        original = cfg.data.original
+        labels = datasets.labels["original"]
+        key = {
+            "checkpoint_sha256": base_sha,
+            "data_sha256": datasets.sha256["original"],
+            "max_structures": original.max_structures,
+            "subsample_seed": original.subsample_seed,
+            "labels": OmegaConf.to_container(original, resolve=True),
+            "device": device.type,
+            "metatrain": mtt.METATRAIN_VERSION,
+        }
+        base, _ = base_errors(Path(cfg.model.checkpoint), datasets.original, labels, device, key)
+        with mtt.energy_offsets_removed(model, offsets):  # a change of reference is not forgetting
+            adapted = errors(model, datasets.original, labels, device)
+        metrics |= retained(adapted, base)
+    return metrics

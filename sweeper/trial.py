@@ -128,7 +128,7 @@ def run(
         trial.log_metrics(done.metrics)
         trial.log_artifacts(adapter_dir, "adapter")
         trial.set_tags({"stopped_early": str(done.epochs_run < cfg.train.epochs).lower()})
-        registered = _register(
+        registered = versions.register_trial(
             cfg, goal, trial, done.metrics, adapter_dir, base_sha, experiment_id, membership
         )
         return TrialResult(
@@ -216,7 +216,7 @@ def _train_and_evaluate(
     mtt.load_state(model, result.state)
 
     start = time.perf_counter()
-    metrics = _evaluate(cfg, model, datasets, device, base_sha, offsets)
+    metrics = evaluate.trial_metrics(cfg, model, datasets, device, base_sha, offsets)
     metrics |= energy_reference.as_metrics(offsets, labels.energy_unit)
     metrics |= {
         "best_epoch": result.best_epoch,
@@ -231,41 +231,6 @@ def _train_and_evaluate(
     return _Trained(model, offsets, targets, result.best_epoch, result.last_epoch + 1, metrics)
 
 
-def _register(
-    cfg: Config,
-    goal: objective.Goal,
-    trial: tracking.TrialRun,
-    metrics: dict,
-    adapter_dir: Path,
-    base_sha: str,
-    experiment_id: str,
-    membership: Membership | None,
-) -> str | None:
-    """A version in the model registry for a feasible trial; returns `name/version`.
-
-    Runs last, inside the trial's run: a failure here fails the run, and a version only
-    exists once its files are uploaded and its tags written. Without an original set
-    every finished trial is feasible.
-    """
-    if not cfg.registry.enabled:
-        return None
-    if not objective.feasible(goal, metrics):
-        trial.set_tags({"registered": "false", "registered_reason": f"not feasible ({goal.describe()})"})
-        return None
-    name = versions.model_name(cfg)
-    version = versions.register(
-        trial.client,
-        name,
-        experiment_id,
-        trial.run_id,
-        adapter_dir,
-        versions.version_tags(cfg, goal, metrics, trial.run_id, adapter_dir, base_sha, membership),
-        versions.description(cfg, base_sha),
-    )
-    trial.set_tags({"registered": "true", "registered_model": name, "registered_version": version.version})
-    return f"{name}/{version.version}"
-
-
 def _energy_offsets(
     cfg: Config, base: mtt.PET, datasets: data.Datasets, device: torch.device
 ) -> dict[int, float]:
@@ -273,37 +238,6 @@ def _energy_offsets(
     if EnergyReference(cfg.data.finetune.energy_reference) != EnergyReference.refit:
         return {}
     return energy_reference.fit(base, datasets.train, device)
-
-
-def _evaluate(
-    cfg: Config,
-    model: mtt.PET,
-    datasets: data.Datasets,
-    device: torch.device,
-    base_sha: str,
-    offsets: dict[int, float],
-) -> dict:
-    labels = datasets.labels["finetune"]
-    metrics = {f"val_{k}": v for k, v in evaluate.errors(model, datasets.validation, labels, device).items()}
-    if datasets.test is not None:
-        metrics |= {f"test_{k}": v for k, v in evaluate.errors(model, datasets.test, labels, device).items()}
-    if datasets.original is not None:
-        original = cfg.data.original
-        labels = datasets.labels["original"]
-        key = {
-            "checkpoint_sha256": base_sha,
-            "data_sha256": datasets.sha256["original"],
-            "max_structures": original.max_structures,
-            "subsample_seed": original.subsample_seed,
-            "labels": OmegaConf.to_container(original, resolve=True),
-            "device": device.type,
-            "metatrain": mtt.METATRAIN_VERSION,
-        }
-        base, _ = evaluate.base_errors(Path(cfg.model.checkpoint), datasets.original, labels, device, key)
-        with mtt.energy_offsets_removed(model, offsets):  # a change of reference is not forgetting
-            retained = evaluate.errors(model, datasets.original, labels, device)
-        metrics |= evaluate.retained(retained, base)
-    return metrics
 
 
 class _EpochClock:

@@ -25,7 +25,7 @@ from sweeper.registry import versions
 from sweeper.search import job, membership, parent_run
 from sweeper.search.pruning import Reporter
 from sweeper.search.recovery import Recovery
-from sweeper.search.study import StudySweeper
+from sweeper.search.trials import tell
 from sweeper.signals import Terminated, terminate_as_exception
 
 pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
@@ -328,8 +328,6 @@ def test_a_late_result_is_kept_in_mlflow_and_dropped_by_optuna(tiny_data, tmp_pa
     assert reporter.silent
     client = mlflow_client(tmp_path)
     run = client.create_run(client.create_experiment("late"))
-    sweeper = StudySweeper(None, None, "minimize", storage, "late", 1, 1, 0.25, None, None)
-    sweeper.client = client
     outcome = {
         "state": "complete",
         "values": [40.0],
@@ -337,7 +335,7 @@ def test_a_late_result_is_kept_in_mlflow_and_dropped_by_optuna(tiny_data, tmp_pa
         "metrics": {},
         "run_id": run.info.run_id,
     }
-    state = sweeper._tell(study, trial, outcome)
+    state = tell(study, trial, outcome, client, pareto=False)
     assert state.name == "FAIL" and study.trials[0].state.name == "FAIL" and study.trials[0].values is None
     assert client.get_run(run.info.run_id).data.tags["late_result"] == "true"
 

@@ -19,11 +19,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sweeper import adapter
-from sweeper.objective import Goal
+from sweeper.objective import Goal, feasible
 
 if TYPE_CHECKING:
     from sweeper.config import Config
     from sweeper.search.membership import Membership
+    from sweeper.tracking import TrialRun
 
 CHAMPION, PREVIOUS = "champion", "previous"
 # Not "adapter": MLflow resolves `runs:/<id>/<name>` to a run's logged model of that name,
@@ -73,6 +74,41 @@ def version_tags(
     }
     tags |= {name: repr(float(value)) for name, value in metrics.items() if name.startswith(TAGGED_METRICS)}
     return tags
+
+
+def register_trial(
+    cfg: Config,
+    goal: Goal,
+    trial: TrialRun,
+    metrics: dict,
+    adapter_dir: Path,
+    base_sha: str,
+    experiment_id: str,
+    membership: Membership | None,
+) -> str | None:
+    """A version in the model registry for a feasible trial; returns `name/version`.
+
+    Runs last, inside the trial's run: a failure here fails the run, and a version only
+    exists once its files are uploaded and its tags written. Without an original set
+    every finished trial is feasible.
+    """
+    if not cfg.registry.enabled:
+        return None
+    if not feasible(goal, metrics):
+        trial.set_tags({"registered": "false", "registered_reason": f"not feasible ({goal.describe()})"})
+        return None
+    name = model_name(cfg)
+    version = register(
+        trial.client,
+        name,
+        experiment_id,
+        trial.run_id,
+        adapter_dir,
+        version_tags(cfg, goal, metrics, trial.run_id, adapter_dir, base_sha, membership),
+        description(cfg, base_sha),
+    )
+    trial.set_tags({"registered": "true", "registered_model": name, "registered_version": version.version})
+    return f"{name}/{version.version}"
 
 
 def register(

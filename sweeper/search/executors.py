@@ -2,7 +2,8 @@
 
 Both take trials from the study (`Trials.ask`, counted against the budget under the study
 lock), run them, and hand each outcome back (`Trials.finish`). They know the study only
-through that small interface (study.py hands them one), and everything else as arguments.
+through that small interface (trials.py; study.py hands them one), and everything else as
+arguments.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The study's storage: opened once per controller, with heartbeats, and closed when it stops."""
+"""The study's storage: opened once per controller, with heartbeats, and closed when it stops;
+the study in it, with the directions of its objectives."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+
+from sweeper.search.grammar import SearchSpaceError
 
 
 def rdb(url: str, heartbeat_interval: int, on_stale: Callable[..., None]) -> Any:
@@ -23,6 +26,21 @@ def rdb(url: str, heartbeat_interval: int, on_stale: Callable[..., None]) -> Any
             grace_period=3 * heartbeat_interval,
             heartbeat_stale_trial_callback=on_stale,
         )
+
+
+def directions(direction: Any, pareto: bool) -> list[str]:
+    """`hydra.sweeper.direction` as one direction per objective: one value serves both of pareto's."""
+    mode = "pareto" if pareto else "constrained"
+    found = list(direction) if isinstance(direction, list | tuple) else [direction]
+    found = [str(getattr(d, "name", d)) for d in found]
+    wanted = 2 if pareto else 1
+    if len(found) == 1:
+        found *= wanted
+    if len(found) != wanted:
+        raise SearchSpaceError(
+            f"hydra.sweeper.direction: {len(found)} directions for objective={mode} ({wanted} objectives)"
+        )
+    return found
 
 
 def open_study(
