@@ -68,6 +68,7 @@ def test_console_shows_an_epoch_bar_and_the_summary_while_metatrains_log_goes_to
     assert log.count("Epoch:") == 3 and "validation forces MAE" in log
 
 
+@pytest.mark.slow  # a whole trial of its own (30-40 s on 2 cores)
 def test_verbose_puts_metatrains_log_on_the_console(tiny_data, tmp_path) -> None:
     done = run_cli([*tiny_overrides(tiny_data, tmp_path), "train.epochs=1", "verbose=true"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -144,6 +145,7 @@ def test_adapter_refuses_another_base_checkpoint(cli_trial, tmp_path) -> None:
         adapter.apply(folder, other)
 
 
+@pytest.mark.slow  # a whole trial of its own (30-40 s on 2 cores)
 def test_same_seed_and_threads_give_the_same_numbers(cli_trial, tiny_data, tmp_path) -> None:
     _, _, first = cli_trial
     done = run_cli(tiny_overrides(tiny_data, tmp_path), cwd=tmp_path)
@@ -238,6 +240,7 @@ def test_other_methods_save_what_trained_and_reapply(method, tiny_data, tmp_path
     )
 
 
+@pytest.mark.slow  # a whole trial of its own (30-40 s on 2 cores)
 def test_system_metrics_are_switchable(tiny_data, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
