@@ -20,6 +20,7 @@ pytest_plugins = ["helpers.outside_data"]  # data and base models that are not o
 
 config.register()
 
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh cache for the whole session (embedded data, base errors)."""
