@@ -84,7 +84,8 @@ def test_the_same_sweep_on_postgresql_and_an_mlflow_server(tiny_data, tmp_path, 
                 assert "config.yaml" in logged or run.info.status != "FINISHED", run.info.run_name
                 if "config.yaml" in logged:
                     text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
-                    assert PASSWORD not in text.read_text() and f"{postgres.user}:***@" in text.read_text()
+                    # The storage URL is no key of a trial's config: it reaches the trial in the environment.
+                    assert PASSWORD not in text.read_text() and "postgresql://" not in text.read_text()
             assert PASSWORD not in done.stdout + done.stderr
 
 
