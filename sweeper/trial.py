@@ -30,6 +30,7 @@ from sweeper import (
     objective,
     provenance,
     replay,
+    rules,
     secrets,
     signals,
     tracking,
@@ -70,7 +71,7 @@ def run(
 ) -> TrialResult:
     """One trial; `membership`: its study, when a sweep runs it (sweeper/search/membership.py)."""
     # --- 1. input checks: cheap, before any training or tracking ---------------------
-    config.check(cfg)
+    rules.check(cfg)
     goal = objective.goal(cfg)
     device = devices.resolve(cfg.device)
     threads = cfg.threads or devices.usable_cores()

@@ -8,7 +8,7 @@ from helpers.sweeps import compose_config, run_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from sweeper import config
+from sweeper import config, rules
 from sweeper.config import ConfigError
 
 
@@ -22,7 +22,7 @@ def test_defaults_compose_to_the_documented_keys() -> None:
     assert cfg.tracking.uri == "sqlite:///mlflow.db"
     assert cfg.device == "auto"
     assert cfg.model.checkpoint.endswith("base_pet_cu.ckpt")
-    config.check(cfg)
+    rules.check(cfg)
 
 
 @pytest.mark.parametrize("method", ["full", "heads"])
@@ -67,7 +67,7 @@ def test_wrong_type_or_choice_is_rejected_when_composing(override: str) -> None:
 def test_value_rules_name_the_key(override: str, key: str) -> None:
     cfg = compose_config([override])
     with pytest.raises(ConfigError, match=f"^{key} "):
-        config.check(cfg)
+        rules.check(cfg)
 
 
 def test_flatten_gives_dotted_resolved_strings() -> None:

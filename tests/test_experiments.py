@@ -9,7 +9,7 @@ from helpers.studies import sweep_study
 from helpers.sweeps import merged, run_cli, tiny_overrides
 from helpers.tracking import runs
 
-from sweeper import config
+from sweeper import config, rules
 
 pytestmark = pytest.mark.slow  # end to end: `python -m pytest -m "not slow"` leaves these out
 
@@ -40,7 +40,7 @@ def _select(cfg, key: str):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_passes_the_checks(preset) -> None:
     cfg = config.composed([f"experiment={preset}"])
-    config.check(cfg)
+    rules.check(cfg)
     for key, value in FORGETTING.get(preset, {}).items():
         assert _select(cfg, key) == value, key
 

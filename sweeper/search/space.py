@@ -1,7 +1,7 @@
 """The search space: what a sweep searches and fixes, checked before any study exists.
 
 `grammar.py` reads Hydra's sweep syntax into Optuna distributions. Here the values a
-sampler may draw are checked against the config's own rules (`config.check`): every
+sampler may draw are checked against the config's own rules (`rules.check`): every
 choice, both ends of a range and, past a 0 that means "off", the smallest value that does
 not, applied to the trial's config, so `lora.rank=range(0,4)` is a one-line error naming
 the key instead of a failed trial, and so is `finetune.replay.structures=int(interval(0,96))`
@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
 from sweeper.config import Config, ConfigError
-from sweeper.config import check as check_values
+from sweeper.rules import check as check_values
 from sweeper.search.grammar import SearchSpaceError
 
 

@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sweeper import objective, secrets, tracking
 from sweeper.config import ConfigError
-from sweeper.config import check as check_values
+from sweeper.rules import check as check_values
 from sweeper.search import executors, grammar, grid, identity, parent_run, results, samplers, space
 from sweeper.search import storage as study_storage
 from sweeper.search.membership import STORAGE_ENV

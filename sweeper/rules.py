@@ -1,0 +1,96 @@
+"""The value rules a type cannot say (rank >= 1, lr > 0, ...): checked before any expensive work,
+each failure one line naming the key (the schema and its types: sweeper/config.py)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from omegaconf import OmegaConf
+
+from sweeper.config import Config, ConfigError
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check(cfg: Config) -> None:
+    """Value rules beyond types; raises ConfigError naming the key."""
+    rules = [
+        ("lora.rank", cfg.lora.rank >= 1, "must be >= 1"),
+        (
+            "model.sha256",
+            cfg.model.sha256 is None or re.fullmatch(r"[0-9a-fA-F]{64}", str(cfg.model.sha256)) is not None,
+            "must be 64 hexadecimal digits (sha256sum of the checkpoint) or null",
+        ),
+        ("lora.alpha", cfg.lora.alpha > 0, "must be > 0"),
+        ("lora.target_modules", len(cfg.lora.target_modules) > 0, "must name at least one module"),
+        ("train.lr", cfg.train.lr > 0 and math.isfinite(cfg.train.lr), "must be > 0"),
+        ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.warmup_fraction", 0 <= cfg.train.warmup_fraction < 1, "must be in [0, 1)"),
+        ("train.step_size", cfg.train.step_size >= 1, "must be >= 1"),
+        ("train.gamma", 0 < cfg.train.gamma <= 1, "must be in (0, 1]"),
+        ("train.weight_decay", cfg.train.weight_decay is None or cfg.train.weight_decay >= 0, "must be >= 0"),
+        (
+            "train.early_stopping_patience",
+            cfg.train.early_stopping_patience is None or cfg.train.early_stopping_patience >= 1,
+            "must be >= 1 or null",
+        ),
+        (
+            "train.dtype",
+            cfg.train.dtype == "float32",
+            "must be float32 (what metatrain's PET trains in here)",
+        ),
+        (
+            "data.finetune.validation_fraction",
+            cfg.data.finetune.validation is not None or 0 < cfg.data.finetune.validation_fraction < 1,
+            "must be in (0, 1) when data.finetune.validation is null",
+        ),
+        (
+            "data.original.max_structures",
+            cfg.data.original.max_structures is None or cfg.data.original.max_structures >= 1,
+            "must be >= 1 or null",
+        ),
+        ("finetune.replay.structures", cfg.finetune.replay.structures >= 0, "must be >= 0"),
+        (
+            "finetune.replay.structures",
+            cfg.finetune.replay.structures == 0 or cfg.finetune.replay.structures >= cfg.train.batch_size,
+            f"must be 0 (off) or at least train.batch_size {cfg.train.batch_size} (metatrain drops a "
+            "training set's last partial batch)",
+        ),
+        ("finetune.replay.repeat", cfg.finetune.replay.repeat >= 1, "must be >= 1"),
+        (
+            "finetune.replay.pool",
+            cfg.finetune.replay.pool is None or cfg.finetune.replay.pool >= cfg.finetune.replay.structures,
+            f"must be null or at least finetune.replay.structures {cfg.finetune.replay.structures} "
+            "(the pool each epoch's replay is drawn from)",
+        ),
+        (
+            "finetune.anchor.weight",
+            cfg.finetune.anchor.weight >= 0 and math.isfinite(cfg.finetune.anchor.weight),
+            "must be >= 0",
+        ),
+        (
+            "finetune.replay.structures",
+            cfg.finetune.replay.structures == 0 or cfg.data.original.path is not None,
+            "needs an original set to draw from (data.original.path is null)",
+        ),
+        ("device", _DEVICE.fullmatch(cfg.device) is not None, "must be auto, cpu, cuda or cuda:N"),
+        ("threads", cfg.threads is None or cfg.threads >= 1, "must be >= 1 or null"),
+        ("objective.retained_tolerance", cfg.objective.retained_tolerance >= 0, "must be >= 0"),
+        *(
+            (f"train.loss_weights.{name}", cfg.train.loss_weights[name] >= 0, "must be >= 0")
+            for name in ("energy", "forces", "stress")
+        ),
+        *(
+            (
+                f"data.{role}.stress",
+                not (cfg.data[role].stress and cfg.data[role].virial),
+                f"and data.{role}.virial cannot both be true (metatrain trains one of them)",
+            )
+            for role in ("finetune", "original")
+        ),
+    ]
+    for key, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{key} {rule}, got {OmegaConf.select(cfg, key)!r}")
