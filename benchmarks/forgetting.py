@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated rows: " + ", ".join(ROWS))
     parser.add_argument("--reference", default="60,3", help="hypervolume reference: val F, retained F ratio")
     parser.add_argument("--plot", type=Path, help="write the fronts and curves here (PNG)")
+    parser.add_argument(
+        "--second-seed", action=argparse.BooleanOptionalAction, default=True, help="the two best rows again"
+    )
     parser.add_argument("--quick", action="store_true", help="rows lora, lora_replay; 2 trials x 2 epochs")
     args = parser.parse_args()
     if args.quick:  # far from converged: a reference that 2-epoch fronts reach
@@ -265,7 +268,7 @@ def main() -> None:
 
         with ThreadPoolExecutor(args.parallel) as pool:
             results = dict(zip(rows, pool.map(lambda row: run(row, args.seed), rows), strict=True))
-            if not args.quick and len(rows) > 2:  # the two best rows: a second seed
+            if args.second_seed and not args.quick and len(rows) > 2:  # the two best rows: a second seed
                 best = sorted(rows, key=lambda row: -hypervolume(results[row], reference))[:2]
                 again = pool.map(lambda row: run(row, args.seed + 1), best)
                 for row, trials in zip(best, again, strict=True):
