@@ -156,16 +156,16 @@ def report(results: dict[str, list[Trial]], epochs: int, reference: tuple[float,
     print(f"\n### At equal epochs ({epochs})\n")
     print(
         "| row | trials | best val F | its val E | its ret. F / E ratio | its s "
-        "| most retentive: val F, ret. F / E | hypervolume |"
+        "| most retentive: val F, ret. F / E | hypervolume | best's params |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row, trials in rows.items():
         best, keeper = min(trials, key=lambda t: t.fit), min(trials, key=lambda t: t.kept)
         print(
             f"| {row} | {len(trials)} | {best.fit:.1f} | {best.metrics['val_energy_mae_meV_per_atom']:.1f} | "
             f"{best.kept:.2f} / {best.metrics[RET_E]:.2f} | {best.seconds:.0f} | "
             f"{keeper.fit:.1f}, {keeper.kept:.2f} / {keeper.metrics[RET_E]:.2f} | "
-            f"{hypervolume(trials, reference):.1f} |"
+            f"{hypervolume(trials, reference):.1f} | {_params(best)} |"
         )
     uncontrolled = [t for row in UNCONTROLLED for t in rows.get(row, [])]
     if not uncontrolled:
@@ -201,6 +201,13 @@ def report(results: dict[str, list[Trial]], epochs: int, reference: tuple[float,
     if closest is not None:
         print(f"closest with retained F ratio <= 1: {closest.row}, val F {closest.fit:.1f}, "
               f"retained E ratio {closest.metrics[RET_E]:.2f}, {closest.seconds:.0f} s")  # fmt: skip
+
+
+def _params(trial: Trial) -> str:
+    return ", ".join(
+        f"{key.split('.')[-1]} {value:.3g}" if isinstance(value, float) else f"{key.split('.')[-1]} {value}"
+        for key, value in trial.params.items()
+    )
 
 
 def plot(results: dict[str, list[Trial]], path: Path) -> None:
