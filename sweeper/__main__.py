@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sweeper import config, secrets
+from sweeper import config, devices, secrets
 from sweeper.search import membership
 from sweeper.signals import Terminated, exit_code, terminate_as_exception
 
@@ -47,6 +47,12 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     except (KeyboardInterrupt, Terminated) as stop:  # the run ended KILLED on the way out
         print(f"\ntrial stopped ({stop or 'Ctrl-C'}): its MLflow run ended KILLED", file=sys.stderr)
         sys.exit(exit_code(stop))
+    except Exception as error:  # its MLflow run ended FAILED on the way out
+        said = devices.out_of_memory(error)
+        if said is None:
+            raise
+        print(f"error: {said}", file=sys.stderr)
+        sys.exit(1)
     print(report.summary(cfg, result))
     return {"state": "complete", "run_id": result.run_id, "metrics": result.metrics}
 

@@ -211,6 +211,9 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = 0  # metatrain's seed and the replay draws: same seed and threads, same numbers
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Share of the GPU's memory a trial may allocate (null: all of it). With several workers per
+    # GPU, the one that outgrows its share fails alone, out of memory. Ignored on the CPU.
+    gpu_memory_fraction: float | None = None
     threads: int | None = None  # torch threads; null: every core this process may use
     verbose: bool = False  # metatrain's log on the console too (always in the trial's trial.log)
 

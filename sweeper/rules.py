@@ -8,9 +8,8 @@ import re
 
 from omegaconf import OmegaConf
 
+from sweeper import devices
 from sweeper.config import Config, ConfigError
-
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def check(cfg: Config) -> None:
@@ -75,7 +74,12 @@ def check(cfg: Config) -> None:
             cfg.finetune.replay.structures == 0 or cfg.data.original.path is not None,
             "needs an original set to draw from (data.original.path is null)",
         ),
-        ("device", _DEVICE.fullmatch(cfg.device) is not None, "must be auto, cpu, cuda or cuda:N"),
+        ("device", devices.NAMES.fullmatch(cfg.device) is not None, "must be auto, cpu, cuda or cuda:N"),
+        (
+            "gpu_memory_fraction",
+            cfg.gpu_memory_fraction is None or 0 < cfg.gpu_memory_fraction <= 1,
+            "must be in (0, 1] or null",
+        ),
         ("threads", cfg.threads is None or cfg.threads >= 1, "must be >= 1 or null"),
         ("objective.retained_tolerance", cfg.objective.retained_tolerance >= 0, "must be >= 0"),
         *(

@@ -74,6 +74,7 @@ def run(
     rules.check(cfg)
     goal = objective.goal(cfg)
     device = devices.resolve(cfg.device)
+    devices.cap_memory(device, cfg.gpu_memory_fraction)
     threads = cfg.threads or devices.usable_cores()
     torch.set_num_threads(threads)  # same seed and thread count: same bits
     species = data.check(cfg)

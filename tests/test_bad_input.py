@@ -129,6 +129,7 @@ def _bad_cases(tiny_data: dict[str, Path], tmp_path: Path) -> dict[str, tuple[st
         "pin not a sha256": ("trial", ["model.sha256=abc"], "model.sha256"),
         "unknown device": ("trial", ["device=tpu"], "device"),
         "cuda without a GPU": ("trial", [f"device={cuda}"], "device"),
+        "GPU memory share out of range": ("trial", ["gpu_memory_fraction=1.5"], "gpu_memory_fraction"),
         "rank < 1": ("trial", ["lora.rank=0"], "lora.rank"),
         "alpha <= 0": ("trial", ["lora.alpha=0"], "lora.alpha"),
         "lr <= 0": ("trial", ["train.lr=0"], "train.lr"),
@@ -166,6 +167,8 @@ def _bad_cases(tiny_data: dict[str, Path], tmp_path: Path) -> dict[str, tuple[st
             "no such database",
         ),
         "promote: unknown flag": ("promote", ["--champion"], "unrecognized arguments"),
+        "promote: unknown device": ("promote", ["--device", "tpu"], "--device"),
+        "promote: cuda without a GPU": ("promote", ["--device", cuda], "--device"),
         "export: unknown model": (
             "export",
             ["models:/nope@champion", "-o", "m.pt"],
@@ -187,12 +190,12 @@ CASES = [
     "stress without a cell", "stress and virial", "unknown unit", "units other than the base's",
     "unknown species", "target modules match nothing", "not a PET checkpoint", "not a checkpoint at all",
     "truncated checkpoint", "missing checkpoint", "checkpoint not the pinned one", "pin not a sha256",
-    "unknown device", "cuda without a GPU", "rank < 1",
+    "unknown device", "cuda without a GPU", "GPU memory share out of range", "rank < 1",
     "alpha <= 0", "lr <= 0", "epochs < 1", "batch size < 1", "batch larger than the data",
     "negative loss weight", "metric the data lacks", "replay without room", "replay pool smaller than a draw",
     "replay pool without room", "negative anchor weight", "unreachable tracking server",
     "promote: unknown model", "promote: negative tolerance", "promote: no store there",
-    "promote: unknown flag",
+    "promote: unknown flag", "promote: unknown device", "promote: cuda without a GPU",
     "export: unknown model", "export: unknown version", "export: not an adapter folder", "export: no output",
 ]  # fmt: skip
 

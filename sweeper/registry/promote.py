@@ -27,7 +27,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweeper import config, objective, tracking
+from sweeper import config, devices, objective, tracking
 from sweeper.config import Config, ConfigError
 from sweeper.registry import models
 from sweeper.registry.models import ModelError
@@ -135,7 +135,9 @@ def table(candidates: list[Candidate], policy: Policy, limit: int = 20) -> str:
     return "\n".join(rows)
 
 
-def promote(client: MlflowClient, name: str, policy: Policy, base: str | None, dry_run: bool) -> int:
+def promote(
+    client: MlflowClient, name: str, policy: Policy, base: str | None, dry_run: bool, device: str = "cpu"
+) -> int:
     policy, candidates = rank(client, name, policy)
     print(f"registered model {name!r}, policy: {policy}")
     print(table(candidates, policy))
@@ -146,7 +148,7 @@ def promote(client: MlflowClient, name: str, policy: Policy, base: str | None, d
         print(f"dry run: would verify and promote version {winner.version.version}; nothing changed")
         return 0
     current = _alias(client, name, CHAMPION)
-    _verify(client, winner.version, base)
+    _verify(client, winner.version, base, device)
     if current is not None and current.version == winner.version.version:
         print(f"version {winner.version.version} is already {CHAMPION}; nothing moved")
         return 0
@@ -154,20 +156,20 @@ def promote(client: MlflowClient, name: str, policy: Policy, base: str | None, d
     return 0
 
 
-def rollback(client: MlflowClient, name: str, base: str | None) -> int:
+def rollback(client: MlflowClient, name: str, base: str | None, device: str = "cpu") -> int:
     champion, previous = _alias(client, name, CHAMPION), _alias(client, name, PREVIOUS)
     if champion is None or previous is None:
         raise ConfigError(
             f"registered model {name!r} needs both {CHAMPION!r} and {PREVIOUS!r} aliases to roll back"
         )
-    _verify(client, previous, base)
+    _verify(client, previous, base, device)
     _move(client, name, previous, champion, "rollback")
     return 0
 
 
-def _verify(client: MlflowClient, version: ModelVersion, base: str | None) -> None:
-    print(f"verifying version {version.version} (run {version.run_id}) ...")
-    result = verify(client, version, base)
+def _verify(client: MlflowClient, version: ModelVersion, base: str | None, device: str) -> None:
+    print(f"verifying version {version.version} (run {version.run_id}) on {device} ...")
+    result = verify(client, version, base, device)
     print(f"  adapter sha256 matches its tag; base checkpoint {result.base_checkpoint} matches")
     for metric, (logged, found) in result.metrics.items():
         print(f"  {metric:<32} logged {logged:12.6f}  re-evaluated {found:12.6f}")
@@ -232,6 +234,9 @@ def parser(cfg: Config) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="default: the versions' study's")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else tracking.uri of conf/")
     p.add_argument("--base-checkpoint", help="the base model file, when it moved since training")
+    p.add_argument(
+        "--device", default="cpu", help="where the verification re-evaluates: cpu (default), cuda[:N], auto"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the ranking and stop")
     p.add_argument("--rollback", action="store_true", help=f"swap {CHAMPION!r} and {PREVIOUS!r}")
     return p
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.tolerance is not None and args.tolerance < 0:
             raise ConfigError(f"--tolerance must be >= 0, got {args.tolerance}")
+        device = str(devices.resolve(args.device, "--device"))  # before any download
         mlflow.set_tracking_uri(tracking.resolve_uri(args.tracking_uri, cfg.tracking.uri))  # downloads too
         client = MlflowClient()
         args.name = args.name or _default_name(client, model_name(cfg))
@@ -273,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         except ModelError as error:  # bad input (exit 2), not a failed verification
             raise ConfigError(str(error)) from None
         if args.rollback:
-            return rollback(client, args.name, args.base_checkpoint)
+            return rollback(client, args.name, args.base_checkpoint, device)
         study = None if args.all_studies else args.study or _most_recent_study(client, args.name)
         policy = Policy(args.metric, args.retained_metric, args.tolerance, study)
-        return promote(client, args.name, policy, args.base_checkpoint, args.dry_run)
+        return promote(client, args.name, policy, args.base_checkpoint, args.dry_run, device)
     except (VerificationError, ModelError) as error:
         print(f"error: not promoted: {error}", file=sys.stderr)
         return 1

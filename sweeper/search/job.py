@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from sweeper import objective, report, signals, tracking, trial
+from sweeper import devices, objective, report, signals, tracking, trial
 from sweeper.search import membership
 from sweeper.search.pruning import Reporter
 
@@ -50,7 +50,7 @@ def run(
         return {"state": "crash", "error": f"{type(outage).__name__}: {outage}"}
     except Exception as error:
         log.exception("trial failed")
-        return {"state": "fail", "error": f"{type(error).__name__}: {error}"}
+        return {"state": "fail", "error": devices.out_of_memory(error) or f"{type(error).__name__}: {error}"}
     finally:
         _free_gpu_memory()
     log.info("%s", report.summary(cfg, result))  # the trial's log; the sweep prints one line per trial
