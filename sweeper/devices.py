@@ -45,8 +45,9 @@ def cap_memory(device: torch.device, fraction: float | None) -> None:
     memory) instead of starving the others. Set on every trial: a worker runs many."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else fraction, device)
+    if device.type == "cuda":  # torch wants the index: `cuda` is the current device
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else fraction, index)
 
 
 def out_of_memory(error: BaseException) -> str | None:
