@@ -44,7 +44,7 @@ mkdir -p "$out"
 device=${DEVICE:-cuda}
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1 PET_LORA_SWEEPER_CACHE=${PET_LORA_SWEEPER_CACHE:-/tmp/pet-lora-cache}
 if [ -d .whl/gpu ] && [ "${SCALE:-gpu}" != dry ]; then  # the dry run uses its own Python
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/gpu/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/gpu/*.whl \
     || { echo "install failed" | tee "$out/summary.txt"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -69,7 +69,7 @@ part environment 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,memory.t
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available())
 print(\"metatrain\", metatrain.__version__, \"mlflow\", mlflow.__version__, \"optuna\", optuna.__version__)
 print(\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")'"
-part pytest_gpu 150 $python -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py
-part overhead_vs_mtt 90 $python benchmarks/overhead_vs_mtt.py --device "$device" "${overhead[@]}"
-part worker_scaling 210 $python benchmarks/worker_scaling.py "${workers[@]}"
+part pytest_gpu 95 $python -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py
+part overhead_vs_mtt 95 $python benchmarks/overhead_vs_mtt.py --device "$device" "${overhead[@]}"
+part worker_scaling 260 $python benchmarks/worker_scaling.py "${workers[@]}"
 echo "results in $out"

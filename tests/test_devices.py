@@ -27,3 +27,13 @@ def test_out_of_memory_is_one_line_that_says_what_to_change() -> None:
 def test_the_memory_cap_leaves_the_cpu_alone() -> None:
     devices.cap_memory(torch.device("cpu"), 1e-6)  # no CUDA call: would raise without a GPU
     assert torch.zeros(1000).sum() == 0
+
+
+def test_the_memory_cap_names_the_gpu_by_index(monkeypatch) -> None:
+    """torch refuses `cuda` without an index (the first GPU run failed every trial on it)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *a: calls.append(a))
+    devices.cap_memory(torch.device("cuda"), None)
+    devices.cap_memory(torch.device("cuda:1"), 0.25)
+    assert calls == [(1.0, 3), (0.25, 1)]
