@@ -102,13 +102,14 @@ def command(row: str, trials: int, epochs: int, threads: int, seed: int, folder:
 
 def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: Path) -> list[Trial]:
     folder = root / f"{row}-seed{seed}"
-    folder.mkdir(parents=True)
-    arguments = command(row, trials, epochs, threads, seed, folder)
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeper", "-m", *arguments], cwd=folder, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        sys.exit(f"{row}: the study failed\n{done.stderr[-3000:]}")
+    if not (folder / "pet-lora.db").exists():  # with --workdir, a row studied before is read again
+        folder.mkdir(parents=True, exist_ok=True)
+        arguments = command(row, trials, epochs, threads, seed, folder)
+        done = subprocess.run(
+            [sys.executable, "-m", "sweeper", "-m", *arguments], cwd=folder, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            sys.exit(f"{row}: the study failed\n{done.stderr[-3000:]}")
     study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{folder}/pet-lora.db")
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
     found = []
@@ -255,6 +256,9 @@ def main() -> None:
         "--second-seed", action=argparse.BooleanOptionalAction, default=True, help="the two best rows again"
     )
     parser.add_argument("--quick", action="store_true", help="rows lora, lora_replay; 2 trials x 2 epochs")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the studies here; a row already there is read, not run again"
+    )
     args = parser.parse_args()
     if args.quick:  # far from converged: a reference that 2-epoch fronts reach
         args.trials, args.epochs, args.only = 2, 2, args.only or ",".join(QUICK)
@@ -266,7 +270,8 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
     print(f"{len(rows)} rows x {args.trials} trials x {args.epochs} epochs, {args.parallel} studies at once "
           f"of {threads} threads, seed {args.seed}")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="bench-forgetting-") as folder:
+    with tempfile.TemporaryDirectory(prefix="bench-forgetting-") as scratch:
+        folder = str(args.workdir or scratch)
         os.environ["PET_LORA_SWEEPER_CACHE"] = str(Path(folder) / "cache")  # base errors, replay labels
         embedded.ensure_datasets()
 
