@@ -107,6 +107,11 @@ class LoraConfig:
     init: LoraInit = LoraInit.zero  # zero: B = 0, the model starts as the base | metatrain
 
 
+class EpochSelection(str, Enum):
+    mae_prod = "mae_prod"  # metatrain's own: the product of the validation MAEs
+    objective = "objective"  # the objective's metric (objective.metric) as the epoch row has it
+
+
 class ReplayLabels(str, Enum):
     reference = "reference"  # the original file's own labels
     base = "base"  # the base model's predictions: for structures whose labels you do not have
@@ -162,6 +167,10 @@ class TrainConfig:
     gamma: float = 0.5  # step and exponential
     weight_decay: float | None = None  # set: AdamW instead of Adam
     early_stopping_patience: int | None = 10  # epochs without improvement; null: off
+    # What picks the epoch a trial keeps and what early stopping watches: mae_prod | objective.
+    # With replay the validation energy swings between early epochs, and the product of MAEs
+    # can keep an early epoch whose force error is far from the best.
+    select_epoch_by: EpochSelection = EpochSelection.mae_prod
     grad_clip_norm: float = 1.0  # gradients clipped to this norm
     loss: str = "mse"  # metatrain's loss type: mse, mae, huber, ...
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sweeper.config import Config, ConfigError, ObjectiveMode
+from sweeper.config import Config, ConfigError, EpochSelection, ObjectiveMode
 
 # Reported by every trial, whatever its data.
 BOOKKEEPING = (
@@ -109,6 +109,12 @@ def goal(cfg: Config) -> Goal:
         raise ConfigError(
             "objective=pareto needs a retained metric, and data.original.path is null "
             "(set an original set, or use objective=constrained)"
+        )
+    by_objective = EpochSelection(cfg.train.select_epoch_by) == EpochSelection.objective
+    if by_objective and not metric.startswith("val_"):
+        raise ConfigError(
+            f"train.select_epoch_by=objective needs a validation metric to score epochs, "
+            f"and objective.metric is {metric!r} (use mae_prod)"
         )
     return Goal(metric, retained, objective.retained_tolerance, pareto)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from sweeper import metatrain as mtt
+from sweeper import objective
+from sweeper.config import EpochSelection
 
 if TYPE_CHECKING:
     from sweeper.config import Config
@@ -37,23 +40,36 @@ def hypers(cfg: Config, strategy: dict, labels: list[mtt.Labels]) -> dict:
     return mtt.training_hypers(overrides, strategy, labels, weights)
 
 
-class EarlyStopping:
-    """Stop when the validation metric has not improved for `patience` epochs.
+Score = Callable[[dict[str, float]], float]  # an epoch's row -> lower is better
 
-    The metric is metatrain's own model-selection metric (product of validation MAEs),
-    read from the same per-epoch row, so the kept epoch and the stopping rule agree.
+
+def mae_product(row: dict[str, float]) -> float:
+    """metatrain's own model-selection metric: the product of the validation MAEs."""
+    return math.prod(value for name, value in row.items() if name.startswith("val_") and "_mae_" in name)
+
+
+def epoch_score(cfg: Config) -> Score:
+    """`train.select_epoch_by`: what picks the kept epoch and drives early stopping."""
+    if EpochSelection(cfg.train.select_epoch_by) == EpochSelection.mae_prod:
+        return mae_product
+    metric = objective.goal(cfg).metric  # a validation metric: objective.goal checks it
+    return lambda row: row[metric]
+
+
+class EarlyStopping:
+    """Stop when the epoch score has not improved for `patience` epochs.
+
+    The score is the one that picks the kept epoch (`epoch_score`), read from the same
+    per-epoch row, so the kept epoch and the stopping rule agree.
     """
 
-    def __init__(self, patience: int | None) -> None:
-        self.patience = patience
+    def __init__(self, patience: int | None, score: Score = mae_product) -> None:
+        self.patience, self.score = patience, score
         self.best = float("inf")
         self.best_epoch = -1
 
     def __call__(self, epoch: int, row: dict[str, float]) -> None:
-        metric = 1.0
-        for name, value in row.items():
-            if name.startswith("val_") and "_mae_" in name:
-                metric *= value
+        metric = self.score(row)
         if metric < self.best:
             self.best, self.best_epoch = metric, epoch
         elif self.patience is not None and epoch - self.best_epoch >= self.patience:
@@ -72,7 +88,8 @@ def fine_tune(
     on_epoch: EpochCallback,
 ) -> mtt.TrainResult:
     """Train `model` in place; returns the best-validation weights and where it stopped."""
-    stopper = EarlyStopping(cfg.train.early_stopping_patience)
+    score = epoch_score(cfg)
+    stopper = EarlyStopping(cfg.train.early_stopping_patience, score)
 
     def each_epoch(epoch: int, row: dict[str, float]) -> None:
         on_epoch(epoch, row)
@@ -89,6 +106,7 @@ def fine_tune(
         each_epoch,
         schedule,
         penalty=anchor(cfg, model),
+        select=None if score is mae_product else score,  # mae_prod: metatrain's own choice
     )
 
 

@@ -190,3 +190,30 @@ def test_a_sweep_searches_the_anchor_weight_and_the_replay_draw(tiny_data, embed
         assert run.data.params["finetune.replay.structures"] == str(t.params["finetune.replay.structures"])
         assert run.data.params["finetune.replay.pool"] == "12"
         assert run.data.params["lora.target_modules"].endswith("'w_in', 'w_out']")
+
+
+@pytest.mark.parametrize("select", ["objective", "mae_prod"])
+def test_the_kept_epoch_is_the_best_by_the_chosen_score(select, tiny_data, embedded_paths, tmp_path) -> None:
+    """With replay the validation energy swings between epochs: `objective` keeps the epoch of
+    the lowest validation force MAE, `mae_prod` (metatrain's) the lowest product of the MAEs."""
+    overrides = _overrides(
+        tiny_data, embedded_paths, tmp_path, "finetune.replay.structures=4", "train.epochs=5",
+        "train.early_stopping_patience=null", "train.lr=5e-3", f"train.select_epoch_by={select}",
+    )  # fmt: skip
+    _, run = trial_cli(overrides, tmp_path)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def history(name: str) -> list[float]:
+        found = client.get_metric_history(run.info.run_id, f"epoch/{name}")
+        return [m.value for m in sorted(found, key=lambda m: m.step)]
+
+    forces, energies = history("val_force_mae_meV_per_A"), history("val_energy_mae_meV_per_atom")
+    products = [f * e for f, e in zip(forces, energies, strict=True)]
+    scores = forces if select == "objective" else products
+    assert len(scores) == 5 and run.data.params["train.select_epoch_by"] == select
+    assert run.data.metrics["best_epoch"] == min(range(5), key=scores.__getitem__)
+    # Here the two scores pick different epochs, so this test tells them apart.
+    assert min(range(5), key=forces.__getitem__) != min(range(5), key=products.__getitem__)
+    assert run.data.metrics["val_force_mae_meV_per_A"] == pytest.approx(
+        forces[int(run.data.metrics["best_epoch"])], rel=1e-3
+    )  # the kept weights are that epoch's (our evaluation against metatrain's, in float32)

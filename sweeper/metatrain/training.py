@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -176,15 +177,25 @@ def train(
     on_epoch: Callable[[int, dict[str, float]], None],
     scheduler: tuple[str, int, float] = ("cosine", 1, 1.0),
     penalty: Callable[[], torch.Tensor] | None = None,
+    select: Callable[[dict[str, float]], float] | None = None,
 ) -> TrainResult:
     """Train in-process with metatrain's PET trainer; `on_epoch` may raise StopTraining.
 
     Several training sets are metatrain's own multi-dataset training (each epoch draws
     batches from all of them). `penalty`, if given, is added to every training batch's loss.
+    `select`, if given, scores each epoch's row (lower is better) and picks the epoch kept,
+    instead of metatrain's `best_model_metric`.
     """
     trainer = Trainer(hypers)
     model.train()  # metatrain's trainer assumes it: in eval mode PET adds its composition
-    handler = EpochHandler(on_epoch)
+    best = _BestEpoch(model, select) if select is not None else None
+
+    def each_epoch(epoch: int, row: dict[str, float]) -> None:
+        if best is not None:
+            best.consider(epoch, row)
+        on_epoch(epoch, row)
+
+    handler = EpochHandler(each_epoch)
     ROOT_LOGGER.addHandler(handler)
     last_epoch = hypers["num_epochs"] - 1
     try:
@@ -195,8 +206,26 @@ def train(
         last_epoch = stop.epoch
     finally:
         ROOT_LOGGER.removeHandler(handler)
+    if best is not None and best.state is not None:
+        return TrainResult(best.epoch, last_epoch, best.state, trainer)
     best_epoch = trainer.best_epoch if trainer.best_epoch is not None else last_epoch
     return TrainResult(best_epoch, last_epoch, _best_state(trainer, model), trainer)
+
+
+class _BestEpoch:
+    """The weights of the best-scoring epoch so far. metatrain logs an epoch's row right after
+    validating it and before the next step, so the live weights are the ones that row scored."""
+
+    def __init__(self, model: PET, score: Callable[[dict[str, float]], float]) -> None:
+        self.model, self.score = model, score
+        self.best, self.epoch = float("inf"), -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def consider(self, epoch: int, row: dict[str, float]) -> None:
+        value = self.score(row)
+        if value < self.best:
+            self.best, self.epoch = value, epoch
+            self.state = copy.deepcopy(self.model.state_dict())
 
 
 def _best_state(trainer: Trainer, model: PET) -> dict[str, torch.Tensor]:
