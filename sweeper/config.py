@@ -112,6 +112,11 @@ class EpochSelection(str, Enum):
     objective = "objective"  # the objective's metric (objective.metric) as the epoch row has it
 
 
+class ReplayHead(str, Enum):
+    shared = "shared"  # the replayed and the fine-tuning data train the same energy head
+    separate = "separate"  # the fine-tuning data train a copy of the base's head (MACE multihead)
+
+
 class ReplayLabels(str, Enum):
     reference = "reference"  # the original file's own labels
     base = "base"  # the base model's predictions: for structures whose labels you do not have
@@ -130,6 +135,10 @@ class ReplayConfig:
     labels: ReplayLabels = ReplayLabels.reference  # reference: the file's labels | base: its predictions
     # draws of `structures` per epoch: replay's share of the epoch's batches, and so of the loss
     repeat: int = 1
+    # separate: the fine-tuning data train a new energy head, a copy of the base's, while the
+    # replayed data keep training the base's own; the adapter carries the new head, and the
+    # deployed model predicts through it (the base head's retained errors: `replay_head_*`)
+    head: ReplayHead = ReplayHead.shared
 
 
 @dataclass

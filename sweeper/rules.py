@@ -9,7 +9,7 @@ import re
 from omegaconf import OmegaConf
 
 from sweeper import devices
-from sweeper.config import Config, ConfigError
+from sweeper.config import Config, ConfigError, Method, ReplayHead
 
 
 def check(cfg: Config) -> None:
@@ -58,6 +58,13 @@ def check(cfg: Config) -> None:
             "training set's last partial batch)",
         ),
         ("finetune.replay.repeat", cfg.finetune.replay.repeat >= 1, "must be >= 1"),
+        (
+            "finetune.replay.head",
+            cfg.finetune.replay.head == ReplayHead.shared
+            or (cfg.finetune.replay.structures > 0 and cfg.finetune.method != Method.heads),
+            "can be separate only with replay (finetune.replay.structures > 0) and "
+            "finetune.method lora or full",
+        ),
         (
             "finetune.replay.pool",
             cfg.finetune.replay.pool is None or cfg.finetune.replay.pool >= cfg.finetune.replay.structures,

@@ -19,8 +19,14 @@ if TYPE_CHECKING:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def hypers(cfg: Config, strategy: dict, labels: list[mtt.Labels]) -> dict:
-    """Our `train.*` keys in metatrain's PET trainer vocabulary (one `labels` per training set)."""
+def hypers(
+    cfg: Config, strategy: dict, labels: list[mtt.Labels], new_head: dict[int, float] | None = None
+) -> dict:
+    """Our `train.*` keys in metatrain's PET trainer vocabulary (one `labels` per training set).
+
+    `new_head`: the composition of `finetune.replay.head=separate`'s new head (metatrain/heads.py),
+    which the first training set trains; the others (replay) train `energy`.
+    """
     train = cfg.train
     overrides = {
         "num_epochs": train.epochs,
@@ -37,7 +43,14 @@ def hypers(cfg: Config, strategy: dict, labels: list[mtt.Labels]) -> dict:
     weights = mtt.LossWeights(
         **{name: float(train.loss_weights[name]) for name in ("energy", "forces", "stress")}
     )
-    return mtt.training_hypers(overrides, strategy, labels, weights)
+    targets = None
+    if new_head is not None:
+        targets = [mtt.HEAD] + [mtt.ENERGY_TARGET] * (len(labels) - 1)
+        overrides |= {
+            "atomic_baseline": {mtt.HEAD: new_head},  # fixed: the base's, not refitted
+            "scale_targets": False,  # the base's scales, copied (metatrain's scaler refuses `energy`)
+        }
+    return mtt.training_hypers(overrides, strategy, labels, weights, targets)
 
 
 Score = Callable[[dict[str, float]], float]  # an epoch's row -> lower is better
@@ -86,8 +99,10 @@ def fine_tune(
     device: torch.device,
     workdir: Path,
     on_epoch: EpochCallback,
+    new_head: dict[int, float] | None = None,
 ) -> mtt.TrainResult:
-    """Train `model` in place; returns the best-validation weights and where it stopped."""
+    """Train `model` in place; returns the best-validation weights and where it stopped.
+    `new_head`: see `hypers`."""
     score = epoch_score(cfg)
     stopper = EarlyStopping(cfg.train.early_stopping_patience, score)
 
@@ -98,7 +113,7 @@ def fine_tune(
     schedule = (str(cfg.train.scheduler.value), cfg.train.step_size, cfg.train.gamma)
     return mtt.train(
         model,
-        hypers(cfg, strategy, labels),
+        hypers(cfg, strategy, labels, new_head),
         train_sets,
         val_sets,
         device,
@@ -107,6 +122,7 @@ def fine_tune(
         schedule,
         penalty=anchor(cfg, model),
         select=None if score is mae_product else score,  # mae_prod: metatrain's own choice
+        separate_head=new_head is not None,
     )
 
 

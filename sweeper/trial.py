@@ -37,7 +37,7 @@ from sweeper import (
     train,
 )
 from sweeper import metatrain as mtt
-from sweeper.config import Config, ConfigError, EnergyReference, Method
+from sweeper.config import Config, ConfigError, EnergyReference, Method, ReplayHead
 from sweeper.registry import versions
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def run(
         adapter_dir = output_dir / "adapter"
         adapter.save(
             adapter_dir,
-            mtt.trainable_tensors(done.model),
+            done.tensors,
             method=Method(cfg.finetune.method).value,
             rank=cfg.lora.rank,
             alpha=cfg.lora.alpha,
@@ -158,6 +158,7 @@ class _Trained:
     best_epoch: int
     epochs_run: int
     metrics: dict[str, float]
+    tensors: dict[str, torch.Tensor]  # the adapter's: what trained, as the deployed model names it
 
 
 def _train_and_evaluate(
@@ -173,18 +174,24 @@ def _train_and_evaluate(
     method = Method(cfg.finetune.method).value
     labels = datasets.labels["finetune"]
     offsets = _energy_offsets(cfg, base, datasets, device)  # of the base, before it is adapted
-    replayed = replay.load(cfg, cfg.model.checkpoint, offsets, device) if replay.wanted(cfg) else None
+    separate = ReplayHead(cfg.finetune.replay.head) == ReplayHead.separate
+    # A separate head leaves the replayed data to the base's head, in the base's reference.
+    replay_offsets = {} if separate else offsets
+    replayed = replay.load(cfg, cfg.model.checkpoint, replay_offsets, device) if replay.wanted(cfg) else None
     trial.log_text(provenance.original_indices(datasets, replayed), "original_indices.json")
     trial.log_datasets(provenance.dataset_files(cfg, datasets, replayed))
     strategy = mtt.finetune_strategy(
         method, cfg.model.checkpoint, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules)
     )
     info = mtt.dataset_info(mtt.model_atomic_types(base), datasets.target_info, labels.length_unit)
+    if separate:  # the new head starts as a copy of the base's (metatrain's inherit_heads)
+        info, strategy["inherit_heads"] = mtt.heads.with_head(info), {mtt.HEAD: mtt.ENERGY_TARGET}
     zero_b = method == "lora" and cfg.lora.init == config.LoraInit.zero
     model = mtt.apply_strategy(mtt.restart_for(base, info), strategy, zero_lora_b=zero_b)
-    mtt.add_energy_offsets(model, offsets)
+    new_head = mtt.heads.start_as_base(mtt.heads.unfreeze(model), offsets) if separate else None
+    mtt.add_energy_offsets(model, replay_offsets)  # separate: after training, to the deployed head
     total, trainable = mtt.parameter_count(model)
-    targets = mtt.model_targets(model)
+    targets = [name for name in mtt.model_targets(model) if name != mtt.HEAD]
     trial.log_metrics({"parameters": total, "trainable_parameters": trainable})
     trial.set_tags({"targets": ",".join(targets)})
 
@@ -208,17 +215,25 @@ def _train_and_evaluate(
             cfg,
             strategy,
             [labels] + ([replayed.labels] if replayed else []),
-            [datasets.train] + (replayed.training_sets() if replayed else []),
-            [datasets.validation],
+            [_as_new_head(datasets.train, separate)] + (replayed.training_sets() if replayed else []),
+            [_as_new_head(datasets.validation, separate)],
             device,
             Path(workdir),
             each_epoch,
+            new_head,
         )
     train_seconds = time.perf_counter() - start
     mtt.load_state(model, result.state)
 
     start = time.perf_counter()
-    metrics = evaluate.trial_metrics(cfg, model, datasets, device, base_sha, offsets)
+    metrics = {}
+    if separate:  # the base's head, trained on the replayed data; then the new head takes its place
+        before = evaluate.trial_metrics(cfg, model, datasets, device, base_sha, {})
+        metrics |= {f"replay_head_{name}": v for name, v in before.items() if name.startswith("retained_")}
+        mtt.heads.deploy(model)
+        mtt.add_energy_offsets(model, offsets)
+    tensors = mtt.trainable_tensors(model)
+    metrics |= evaluate.trial_metrics(cfg, model, datasets, device, base_sha, offsets)
     metrics |= energy_reference.as_metrics(offsets, labels.energy_unit)
     metrics |= {
         "best_epoch": result.best_epoch,
@@ -230,7 +245,12 @@ def _train_and_evaluate(
         metrics["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
     if clock.seconds_per_epoch() is not None:
         metrics["seconds_per_epoch"] = clock.seconds_per_epoch()
-    return _Trained(model, offsets, targets, result.best_epoch, result.last_epoch + 1, metrics)
+    tensors = mtt.heads.as_energy_head(tensors) if separate else tensors
+    return _Trained(model, offsets, targets, result.best_epoch, result.last_epoch + 1, metrics, tensors)
+
+
+def _as_new_head(dataset: mtt.Dataset, separate: bool) -> mtt.Dataset:
+    return mtt.heads.renamed(dataset) if separate else dataset
 
 
 def _energy_offsets(

@@ -158,6 +158,7 @@ def _bad_cases(tiny_data: dict[str, Path], tmp_path: Path) -> dict[str, tuple[st
             "finetune.replay.pool",
         ),
         "negative anchor weight": ("trial", ["finetune.anchor.weight=-0.1"], "finetune.anchor.weight"),
+        "separate head without replay": ("trial", ["finetune.replay.head=separate"], "finetune.replay.head"),
         "epochs scored by a test metric": (
             "trial",
             ["train.select_epoch_by=objective", "objective.metric=test_force_mae_meV_per_A"],
@@ -199,6 +200,7 @@ CASES = [
     "alpha <= 0", "lr <= 0", "epochs < 1", "batch size < 1", "batch larger than the data",
     "negative loss weight", "metric the data lacks", "replay without room", "replay pool smaller than a draw",
     "replay pool without room", "negative anchor weight", "epochs scored by a test metric",
+    "separate head without replay",
     "unreachable tracking server",
     "promote: unknown model", "promote: negative tolerance", "promote: no store there",
     "promote: unknown flag", "promote: unknown device", "promote: cuda without a GPU",

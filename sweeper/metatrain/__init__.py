@@ -15,7 +15,7 @@ from __future__ import annotations
 import metatrain as _metatrain
 from metatrain.pet import PET
 
-from sweeper.metatrain import units
+from sweeper.metatrain import heads, units
 from sweeper.metatrain.data import (
     ENERGY_TARGET,
     Dataset,
@@ -26,6 +26,7 @@ from sweeper.metatrain.data import (
     read_dataset,
 )
 from sweeper.metatrain.export import export, merge_lora
+from sweeper.metatrain.heads import HEAD
 from sweeper.metatrain.model import (
     CheckpointError,
     add_energy_offsets,
@@ -63,6 +64,7 @@ METATRAIN_VERSION: str = _metatrain.__version__
 
 __all__ = [
     "ENERGY_TARGET",
+    "HEAD",
     "METATRAIN_VERSION",
     "PET",
     "Batch",
@@ -82,6 +84,7 @@ __all__ = [
     "energy_target_info",
     "export",
     "finetune_strategy",
+    "heads",
     "keep_only",
     "label",
     "linear_attribute_names",

@@ -21,7 +21,7 @@ from metatrain.utils.logging import ROOT_LOGGER
 from metatrain.utils.omegaconf import expand_loss_config
 from omegaconf import OmegaConf
 
-from sweeper.metatrain import units
+from sweeper.metatrain import heads, units
 from sweeper.metatrain.data import ENERGY_TARGET, Dataset, Labels
 
 
@@ -33,12 +33,17 @@ class LossWeights:
 
 
 def training_hypers(
-    overrides: dict, strategy: dict | None, labels: list[Labels], weights: LossWeights = LossWeights()
+    overrides: dict,
+    strategy: dict | None,
+    labels: list[Labels],
+    weights: LossWeights = LossWeights(),
+    targets: list[str] | None = None,
 ) -> dict:
     """metatrain's fully expanded `architecture.training` section for PET.
 
-    `labels`: one per training set; the loss gets a force (stress) term when any set has
-    forces (stress or virial), with `weights` on the energy and its gradients.
+    `labels`: one per training set, each labelling the target of `targets` (default: `energy`
+    for all); the loss gets a force (stress) term when any set has forces (stress or virial),
+    with `weights` on the energy and its gradients.
     """
     defaults = get_default_hypers("pet", base_precision=32)
     training = OmegaConf.merge(defaults["training"], overrides)
@@ -52,14 +57,18 @@ def training_hypers(
             "training": OmegaConf.to_container(training, resolve=True),
         },
     )
-    training_sets = [{"targets": {ENERGY_TARGET: label.target("unused")}} for label in labels]
+    targets = targets or [ENERGY_TARGET] * len(labels)
+    training_sets = [
+        {"targets": {target: label.target("unused")}} for target, label in zip(targets, labels, strict=True)
+    ]
     options = OmegaConf.create({"architecture": {"training": training}, "training_set": training_sets})
     expanded = OmegaConf.to_container(expand_loss_config(options).architecture.training, resolve=True)
-    loss = expanded["loss"][ENERGY_TARGET]
-    loss["weight"] = weights.energy
-    for gradient, weight in (("positions", weights.forces), ("strain", weights.stress)):
-        if gradient in loss["gradients"]:
-            loss["gradients"][gradient]["weight"] = weight
+    for target in set(targets):
+        loss = expanded["loss"][target]
+        loss["weight"] = weights.energy
+        for gradient, weight in (("positions", weights.forces), ("strain", weights.stress)):
+            if gradient in loss["gradients"]:
+                loss["gradients"][gradient]["weight"] = weight
     return expanded
 
 
@@ -178,19 +187,22 @@ def train(
     scheduler: tuple[str, int, float] = ("cosine", 1, 1.0),
     penalty: Callable[[], torch.Tensor] | None = None,
     select: Callable[[dict[str, float]], float] | None = None,
+    separate_head: bool = False,
 ) -> TrainResult:
     """Train in-process with metatrain's PET trainer; `on_epoch` may raise StopTraining.
 
     Several training sets are metatrain's own multi-dataset training (each epoch draws
     batches from all of them). `penalty`, if given, is added to every training batch's loss.
     `select`, if given, scores each epoch's row (lower is better) and picks the epoch kept,
-    instead of metatrain's `best_model_metric`.
+    instead of metatrain's `best_model_metric`. `separate_head`: the model has the new head of
+    heads.py, which trains beside the strategy's weights; rows come in our usual names.
     """
     trainer = Trainer(hypers)
     model.train()  # metatrain's trainer assumes it: in eval mode PET adds its composition
     best = _BestEpoch(model, select) if select is not None else None
 
     def each_epoch(epoch: int, row: dict[str, float]) -> None:
+        row = heads.row_names(row) if separate_head else row
         if best is not None:
             best.consider(epoch, row)
         on_epoch(epoch, row)
@@ -199,7 +211,8 @@ def train(
     ROOT_LOGGER.addHandler(handler)
     last_epoch = hypers["num_epochs"] - 1
     try:
-        with _scheduler(*scheduler), _penalised(penalty), warnings.catch_warnings():
+        head = heads.trainable() if separate_head else contextlib.nullcontext()
+        with _scheduler(*scheduler), _penalised(penalty), head, warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
             trainer.train(model, torch.float32, [device], list(train_sets), list(val_sets), str(workdir))
     except StopTraining as stop:
