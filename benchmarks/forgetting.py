@@ -48,6 +48,7 @@ ROWS = {  # name -> (preset or None for the defaults, the search space)
     "full": ("forgetting/full", ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]),
     "heads": ("forgetting/heads", ["train.lr=tag(log, interval(3e-4, 1e-2))", *NOT_LORA]),
     "lora_replay": ("forgetting/lora_replay", LORA_SPACE),
+    "lora_replay_separate": ("forgetting/lora_replay_separate", LORA_SPACE),
     "lora_ffn_replay": ("forgetting/lora_ffn_replay", LORA_SPACE),
     "full_replay": ("forgetting/full_replay", ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]),
     "lora_ffn_anchor": (

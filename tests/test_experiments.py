@@ -20,6 +20,7 @@ PRESETS = sorted(
 FORGETTING = {  # what each forgetting row changes from the defaults
     "forgetting/lora": {"lora.rank": 16, "train.epochs": 40, "finetune.replay.structures": 0},
     "forgetting/lora_replay": {"lora.rank": 16, "finetune.replay.structures": 64},
+    "forgetting/lora_replay_separate": {"finetune.replay.structures": 64, "finetune.replay.head": "separate"},
     "forgetting/lora_ffn": {"lora.target_modules": ["input_linear", "output_linear", "w_in", "w_out"]},
     "forgetting/lora_ffn_replay": {"finetune.replay.structures": 32, "finetune.replay.pool": 96},
     "forgetting/full": {"finetune.method": "full", "train.lr": 3.5e-4},
