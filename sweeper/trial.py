@@ -232,7 +232,6 @@ def _train_and_evaluate(
         metrics |= {f"replay_head_{name}": v for name, v in before.items() if name.startswith("retained_")}
         mtt.heads.deploy(model)
         mtt.add_energy_offsets(model, offsets)
-    tensors = mtt.trainable_tensors(model)
     metrics |= evaluate.trial_metrics(cfg, model, datasets, device, base_sha, offsets)
     metrics |= energy_reference.as_metrics(offsets, labels.energy_unit)
     metrics |= {
@@ -245,7 +244,8 @@ def _train_and_evaluate(
         metrics["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
     if clock.seconds_per_epoch() is not None:
         metrics["seconds_per_epoch"] = clock.seconds_per_epoch()
-    tensors = mtt.heads.as_energy_head(tensors) if separate else tensors
+    tensors = mtt.trainable_tensors(model)
+    tensors = mtt.heads.as_energy_head(tensors) if separate else tensors  # the new head, as deployed
     return _Trained(model, offsets, targets, result.best_epoch, result.last_epoch + 1, metrics, tensors)
 
 
