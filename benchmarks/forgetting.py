@@ -103,9 +103,9 @@ def command(row: str, trials: int, epochs: int, threads: int, seed: int, folder:
 
 def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: Path) -> list[Trial]:
     folder = root / f"{row}-seed{seed}"
+    arguments = command(row, trials, epochs, threads, seed, folder)
     if not (folder / "pet-lora.db").exists():  # with --workdir, a row studied before is read again
         folder.mkdir(parents=True, exist_ok=True)
-        arguments = command(row, trials, epochs, threads, seed, folder)
         done = subprocess.run(
             [sys.executable, "-m", "sweeper", "-m", *arguments], cwd=folder, capture_output=True, text=True
         )
