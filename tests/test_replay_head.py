@@ -5,8 +5,6 @@ the command line, then what a user does with it: promote (re-evaluation), export
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -81,10 +79,9 @@ def test_promotion_export_and_ase_give_the_trials_numbers_through_the_new_head(
     assert promoted.returncode == 0, promoted.stderr
     assert "verified" in promoted.stdout  # re-evaluated within 1e-4 of the logged val_ errors
     exported = tmp_path / "model.pt"
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeper.export", f"models:/{NAME}@champion", "-o", str(exported)],
-        cwd=workdir, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = plain_shell(
+        "sweeper.export", f"models:/{NAME}@champion", "-o", str(exported), cwd=workdir, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     energy, force = _ase_errors(exported, read(tiny_data["validation"], ":"))
     assert energy == pytest.approx(metrics["val_energy_mae_meV_per_atom"], rel=1e-4)
