@@ -16,13 +16,13 @@ import re
 from collections.abc import Iterator
 
 import metatensor.learn as mtl
-import metatensor.torch as mts
 import metatrain.pet.trainer as pet_trainer
 import torch
 from metatrain.pet import PET
 from metatrain.utils.data import DatasetInfo
 
 from sweeper.metatrain.data import ENERGY_TARGET, Dataset
+from sweeper.metatrain.model import energy_composition
 
 HEAD = f"{ENERGY_TARGET}/finetune"
 
@@ -55,11 +55,7 @@ def start_as_base(model: PET, offsets: dict[int, float]) -> dict[int, float]:
     }
     model.load_state_dict(scales, strict=False)
     model.scaler.sync_tensor_maps()
-    composition = model.additive_models[0]
-    weights = mts.load_buffer(getattr(composition, f"{ENERGY_TARGET}_composition_buffer").to("cpu")).block()
-    types = [int(z) for z in weights.samples.column("center_type")]
-    values = weights.values.reshape(-1).tolist()
-    return {z: value + offsets.get(z, 0.0) for z, value in zip(types, values, strict=True)}
+    return {z: value + offsets.get(z, 0.0) for z, value in energy_composition(model).items()}
 
 
 def unfreeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -205,6 +205,13 @@ def add_energy_offsets(model: PET, offsets: dict[int, float]) -> None:
     _store(composition, mts.save_buffer(mts.make_contiguous(weights)).to(buffer.device))
 
 
+def energy_composition(model: PET) -> dict[int, float]:
+    """The energy's per-element composition weights (model energy units), as a dict."""
+    weights = mts.load_buffer(getattr(model.additive_models[0], _BUFFER).to(device="cpu")).block()
+    types = [int(z) for z in weights.samples.column("center_type")]
+    return dict(zip(types, weights.values.reshape(-1).tolist(), strict=True))
+
+
 @contextlib.contextmanager
 def energy_offsets_removed(model: PET, offsets: dict[int, float]) -> Iterator[PET]:
     """The model back in its base's energy reference while the block runs, then exactly
