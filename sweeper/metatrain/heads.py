@@ -22,7 +22,7 @@ from metatrain.pet import PET
 from metatrain.utils.data import DatasetInfo
 
 from sweeper.metatrain.data import ENERGY_TARGET, Dataset
-from sweeper.metatrain.model import energy_composition
+from sweeper.metatrain.model import energy_composition, load_state
 
 HEAD = f"{ENERGY_TARGET}/finetune"
 
@@ -103,9 +103,7 @@ def deploy(model: PET) -> None:
         for name, value in state.items()
         if f".{HEAD}." in name and name.startswith("backend.")
     }
-    if not set(copied) <= set(state):  # the same architecture makes the same names
-        raise ValueError(f"no {ENERGY_TARGET} head weights for {sorted(set(copied) - set(state))[:3]}")
-    model.load_state_dict(copied, strict=False)
+    load_state(model, copied, strict=False)  # raises if `energy` lacks one of them
 
 
 def as_energy_head(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
