@@ -21,7 +21,9 @@ offsets added), or the two training sets would disagree by exactly those offsets
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ import torch
 from ase import Atoms
 from ase.io import read, write
 from ase.stress import voigt_6_to_full_3x3_stress
+from omegaconf import read_write
 
 from sweeper import data, subsample
 from sweeper import metatrain as mtt
@@ -36,6 +39,9 @@ from sweeper.config import Config, ConfigError, ReplayLabels
 from sweeper.files import cached, file_sha256, written_atomically
 
 FORMAT = 1  # bump when the cached replay files would differ
+# Structures replayed each epoch by default, in batches of `finetune.replay.batch_size` (2): the
+# forgetting benchmark's best (docs/forgetting.md)
+AUTO = 32
 # Neutral keys: ASE and metatrain give `energy`, `forces` and `stress` special meanings.
 ENERGY, FORCES, STRESS, VIRIAL = "replay_energy", "replay_forces", "replay_stress", "replay_virial"
 
@@ -87,6 +93,28 @@ class Replay:
 
 def wanted(cfg: Config) -> bool:
     return cfg.finetune.replay.structures > 0
+
+
+def resolved(cfg: Config) -> Config:
+    """`finetune.replay.structures: null` (the default) made a number: up to AUTO of the original
+    structures that retained accuracy leaves (of the pool, if one is set), 0 without room for one
+    replayed batch or without an original set. Other values are returned as they are."""
+    replay = cfg.finetune.replay
+    if replay.structures is not None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg):
+        cfg.finetune.replay.structures = _auto(cfg)
+    return cfg
+
+
+def _auto(cfg: Config) -> int:
+    original, replay = cfg.data.original, cfg.finetune.replay
+    path, retained = original.path, original.max_structures
+    if path is None or retained is None or not Path(path).is_file():  # a missing file: data.check says it
+        return 0
+    room = replay.pool if replay.pool is not None else subsample.count(path) - retained
+    return min(AUTO, room) if room >= (replay.batch_size or cfg.train.batch_size) else 0
 
 
 def _count(replay: Any) -> int:

@@ -14,6 +14,10 @@ from sweeper.config import Config, ConfigError, Method, ReplayHead
 
 def check(cfg: Config) -> None:
     """Value rules beyond types; raises ConfigError naming the key."""
+    structures = cfg.finetune.replay.structures
+    replay_batch, replay_batch_name = cfg.finetune.replay.batch_size, "finetune.replay.batch_size"
+    if replay_batch is None:
+        replay_batch, replay_batch_name = cfg.train.batch_size, "train.batch_size"
     rules = [
         ("lora.rank", cfg.lora.rank >= 1, "must be >= 1"),
         (
@@ -50,24 +54,29 @@ def check(cfg: Config) -> None:
             cfg.data.original.max_structures is None or cfg.data.original.max_structures >= 1,
             "must be >= 1 or null",
         ),
-        ("finetune.replay.structures", cfg.finetune.replay.structures >= 0, "must be >= 0"),
+        ("finetune.replay.structures", structures is None or structures >= 0, "must be >= 0 or null"),
+        (
+            "finetune.replay.batch_size",
+            cfg.finetune.replay.batch_size is None or cfg.finetune.replay.batch_size >= 1,
+            "must be >= 1 or null",
+        ),
         (
             "finetune.replay.structures",
-            cfg.finetune.replay.structures == 0 or cfg.finetune.replay.structures >= cfg.train.batch_size,
-            f"must be 0 (off) or at least train.batch_size {cfg.train.batch_size} (metatrain drops a "
+            structures in (None, 0) or structures >= replay_batch,
+            f"must be 0 (off) or at least {replay_batch_name} {replay_batch} (metatrain drops a "
             "training set's last partial batch)",
         ),
         ("finetune.replay.repeat", cfg.finetune.replay.repeat >= 1, "must be >= 1"),
         (
             "finetune.replay.head",
             cfg.finetune.replay.head == ReplayHead.shared
-            or (cfg.finetune.replay.structures > 0 and cfg.finetune.method != Method.heads),
+            or (structures != 0 and cfg.finetune.method != Method.heads),
             "can be separate only with replay (finetune.replay.structures > 0) and "
             "finetune.method lora or full",
         ),
         (
             "finetune.replay.pool",
-            cfg.finetune.replay.pool is None or cfg.finetune.replay.pool >= cfg.finetune.replay.structures,
+            cfg.finetune.replay.pool is None or cfg.finetune.replay.pool >= (structures or 0),
             f"must be null or at least finetune.replay.structures {cfg.finetune.replay.structures} "
             "(the pool each epoch's replay is drawn from)",
         ),
@@ -78,7 +87,7 @@ def check(cfg: Config) -> None:
         ),
         (
             "finetune.replay.structures",
-            cfg.finetune.replay.structures == 0 or cfg.data.original.path is not None,
+            structures in (None, 0) or cfg.data.original.path is not None,
             "needs an original set to draw from (data.original.path is null)",
         ),
         ("device", devices.NAMES.fullmatch(cfg.device) is not None, "must be auto, cpu, cuda or cuda:N"),

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from ase.io import read
 from ase.io.formats import filetype
 
 from sweeper.files import cached, file_sha256, written_atomically
@@ -64,6 +65,11 @@ def frame_offsets(path: str | Path) -> list[int]:
             for _ in range(atoms + 1):
                 if not handle.readline():
                     raise ValueError(f"{path}: the frame at byte {start} is truncated")
+
+
+def count(path: str | Path) -> int:
+    """Structures in the file: counted from its atom-count lines when it is (extended) XYZ."""
+    return len(frame_offsets(path)) if is_extxyz(path) else len(read(str(path), ":"))
 
 
 class TooFewStructures(ValueError):

@@ -123,6 +123,7 @@ def fine_tune(
         penalty=anchor(cfg, model),
         select=None if score is mae_product else score,  # mae_prod: metatrain's own choice
         separate_head=new_head is not None,
+        replay_batch_size=cfg.finetune.replay.batch_size,
     )
 
 

@@ -72,6 +72,8 @@ def run(
     """One trial; `membership`: its study, when a sweep runs it (sweeper/search/membership.py)."""
     # --- 1. input checks: cheap, before any training or tracking ---------------------
     rules.check(cfg)
+    cfg = replay.resolved(cfg)  # the default replay, made a number for this data
+    rules.check(cfg)
     goal = objective.goal(cfg)
     device = devices.resolve(cfg.device)
     devices.cap_memory(device, cfg.gpu_memory_fraction)
@@ -235,6 +237,8 @@ def _train_and_evaluate(
     metrics |= evaluate.trial_metrics(cfg, model, datasets, device, base_sha, offsets)
     metrics |= energy_reference.as_metrics(offsets, labels.energy_unit)
     metrics |= {
+        "train_batches_per_epoch": result.batches_per_epoch[0],
+        "replay_batches_per_epoch": sum(result.batches_per_epoch[1:]),
         "best_epoch": result.best_epoch,
         "epochs_run": result.last_epoch + 1,
         "train_seconds": train_seconds,

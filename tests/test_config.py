@@ -14,7 +14,7 @@ from sweeper.config import ConfigError
 
 def test_defaults_compose_to_the_documented_keys() -> None:
     cfg = compose_config([])
-    assert cfg.lora.rank == 8 and cfg.lora.alpha == 16.0
+    assert cfg.lora.rank == 16 and cfg.lora.alpha == 32.0
     assert list(cfg.lora.target_modules) == ["input_linear", "output_linear"]
     assert cfg.lora.init == config.LoraInit.zero
     assert cfg.finetune.method == config.Method.lora

@@ -64,7 +64,7 @@ def test_a_conf_file_says_only_what_its_option_changes(path: Path) -> None:
 
 def test_the_check_finds_a_repeated_default_and_an_unknown_key(tmp_path: Path) -> None:
     node = config.Config().train
-    assert _default(node, "epochs") == 20
+    assert _default(node, "epochs") == 40
     with pytest.raises(KeyError):
         _default(node, "epochz")
     assert [k for k, _ in _leaves({"loss_weights": {"forces": 2.0}, "lr": 1e-3})] == [

@@ -104,7 +104,7 @@ def test_the_experiment_is_a_model_training_one_and_runs_list_their_datasets(cli
 def test_run_is_finished_with_metrics_params_tags_and_artifacts(cli_trial) -> None:
     workdir, _, run = cli_trial
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "r4 a16 lr1e-3"
+    assert run.info.run_name == "r4 a32 lr2e-3"
     missing = [name for name in FINAL_METRICS if name not in run.data.metrics]
     assert not missing
     assert run.data.params["lora.rank"] == "4" and run.data.params["train.epochs"] == "3"
@@ -125,7 +125,7 @@ def test_reapplied_adapter_reproduces_logged_validation_metrics(cli_trial, tiny_
     workdir, _, run = cli_trial
     folder = adapter_folder(workdir, run)
     config = adapter.read_config(folder)
-    assert config["rank"] == 4 and config["scaling"] == 16.0 / 4
+    assert config["rank"] == 4 and config["scaling"] == 32.0 / 4  # the default alpha
     assert all(name.rsplit(".", 2)[-2].startswith("lora_") for name in config["tensors"])
     torch.set_num_threads(2)
     model = adapter.apply(folder, embedded.base_model_path())

@@ -156,12 +156,41 @@ def _penalised(penalty: Callable[[], torch.Tensor] | None) -> Iterator[None]:
         pet_trainer.LossAggregator = original
 
 
+@contextlib.contextmanager
+def _batches(replay_size: int | None, counts: list[int]) -> Iterator[None]:
+    """Batches of `replay_size` structures for every training set after the first (the replayed
+    ones; metatrain's trainer has one batch size for all); `counts` gets each set's batches per
+    epoch, as metatrain's loaders give them."""
+    original = pet_trainer.build_train_dataloaders
+
+    def build(*, train_datasets: list, train_distributed_samplers: list, batch_size: int, **kwargs):
+        loaders, samplers = [], []
+        for datasets, size in ((slice(0, 1), batch_size), (slice(1, None), replay_size or batch_size)):
+            more, more_samplers = original(
+                train_datasets=train_datasets[datasets],
+                train_distributed_samplers=train_distributed_samplers[datasets],
+                batch_size=size,
+                **kwargs,
+            )
+            loaders += more
+            samplers += more_samplers
+        counts[:] = [len(loader) for loader in loaders]
+        return loaders, samplers
+
+    pet_trainer.build_train_dataloaders = build
+    try:
+        yield
+    finally:
+        pet_trainer.build_train_dataloaders = original
+
+
 @dataclass
 class TrainResult:
     best_epoch: int
     last_epoch: int
     state: dict[str, torch.Tensor]  # best-validation weights
     trainer: Trainer
+    batches_per_epoch: list[int]  # of each training set
 
 
 class StopTraining(Exception):
@@ -188,6 +217,7 @@ def train(
     penalty: Callable[[], torch.Tensor] | None = None,
     select: Callable[[dict[str, float]], float] | None = None,
     separate_head: bool = False,
+    replay_batch_size: int | None = None,
 ) -> TrainResult:
     """Train in-process with metatrain's PET trainer; `on_epoch` may raise StopTraining.
 
@@ -196,6 +226,7 @@ def train(
     `select`, if given, scores each epoch's row (lower is better) and picks the epoch kept,
     instead of metatrain's `best_model_metric`. `separate_head`: the model has the new head of
     heads.py, which trains beside the strategy's weights; rows come in our usual names.
+    `replay_batch_size`, if given, batches every training set after the first (replay).
     """
     trainer = Trainer(hypers)
     model.train()  # metatrain's trainer assumes it: in eval mode PET adds its composition
@@ -210,9 +241,16 @@ def train(
     handler = EpochHandler(each_epoch)
     ROOT_LOGGER.addHandler(handler)
     last_epoch = hypers["num_epochs"] - 1
+    batches: list[int] = []
     try:
         head = heads.trainable() if separate_head else contextlib.nullcontext()
-        with _scheduler(*scheduler), _penalised(penalty), head, warnings.catch_warnings():
+        with (
+            _scheduler(*scheduler),
+            _penalised(penalty),
+            _batches(replay_batch_size, batches),
+            head,
+            warnings.catch_warnings(),
+        ):
             warnings.filterwarnings("ignore", category=UserWarning)
             trainer.train(model, torch.float32, [device], list(train_sets), list(val_sets), str(workdir))
     except StopTraining as stop:
@@ -220,9 +258,9 @@ def train(
     finally:
         ROOT_LOGGER.removeHandler(handler)
     if best is not None and best.state is not None:
-        return TrainResult(best.epoch, last_epoch, best.state, trainer)
+        return TrainResult(best.epoch, last_epoch, best.state, trainer, batches)
     best_epoch = trainer.best_epoch if trainer.best_epoch is not None else last_epoch
-    return TrainResult(best_epoch, last_epoch, _best_state(trainer, model), trainer)
+    return TrainResult(best_epoch, last_epoch, _best_state(trainer, model), trainer, batches)
 
 
 class _BestEpoch:
