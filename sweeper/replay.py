@@ -22,6 +22,7 @@ offsets added), or the two training sets would disagree by exactly those offsets
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ FORMAT = 1  # bump when the cached replay files would differ
 # Structures replayed each epoch by default, in batches of `finetune.replay.batch_size` (2): the
 # forgetting benchmark's best (docs/forgetting.md)
 AUTO = 32
+
+log = logging.getLogger(__name__)
 # Neutral keys: ASE and metatrain give `energy`, `forces` and `stress` special meanings.
 ENERGY, FORCES, STRESS, VIRIAL = "replay_energy", "replay_forces", "replay_stress", "replay_virial"
 
@@ -113,8 +116,32 @@ def _auto(cfg: Config) -> int:
     path, retained = original.path, original.max_structures
     if path is None or retained is None or not Path(path).is_file():  # a missing file: data.check says it
         return 0
+    if (problem := _label_problem(cfg)) is not None:  # asked for, it would be this error
+        log.warning("no replay by default: %s", problem)
+        return 0
     room = replay.pool if replay.pool is not None else subsample.count(path) - retained
     return min(AUTO, room) if room >= (replay.batch_size or cfg.train.batch_size) else 0
+
+
+def _label_problem(cfg: Config) -> str | None:
+    """Why the original file's own labels cannot train beside the fine-tuning data, if they cannot."""
+    original, finetune = cfg.data.original, cfg.data.finetune
+    if ReplayLabels(cfg.finetune.replay.labels) != ReplayLabels.reference:
+        return None
+    needs = {"forces": finetune.forces, "stress or virial": finetune.stress or finetune.virial}
+    has = {"forces": original.forces, "stress or virial": original.stress or original.virial}
+    for kind, needed in needs.items():
+        if needed and not has[kind]:
+            return (
+                f"finetune.replay.labels=reference: the fine-tuning data has {kind}, data.original has "
+                f"none configured (configure them, or finetune.replay.labels=base)"
+            )
+    if original.energy_unit != finetune.energy_unit:
+        return (
+            f"finetune.replay.labels=reference: data.original.energy_unit {original.energy_unit!r} "
+            f"must be the fine-tuning data's {finetune.energy_unit!r} (the base model's) to train on"
+        )
+    return None
 
 
 def _count(replay: Any) -> int:
@@ -130,27 +157,15 @@ def check(cfg: Config) -> tuple[set[int], list[int]]:
     fine-tuning data has and the original set lacks (or a replay structure without them),
     another energy unit than the base's.
     """
-    replay, original, finetune = cfg.finetune.replay, cfg.data.original, cfg.data.finetune
+    replay, original = cfg.finetune.replay, cfg.data.original
     if original.max_structures is None:
         raise ConfigError(
             "finetune.replay.structures: set data.original.max_structures, the structures that measure "
             "retained accuracy (replay draws others, disjoint from them)"
         )
     reference = ReplayLabels(replay.labels) == ReplayLabels.reference
-    if reference:
-        needs = {"forces": finetune.forces, "stress or virial": finetune.stress or finetune.virial}
-        has = {"forces": original.forces, "stress or virial": original.stress or original.virial}
-        for kind, needed in needs.items():
-            if needed and not has[kind]:
-                raise ConfigError(
-                    f"finetune.replay.labels=reference: the fine-tuning data has {kind}, data.original has "
-                    f"none configured (configure them, or finetune.replay.labels=base)"
-                )
-        if original.energy_unit != finetune.energy_unit:
-            raise ConfigError(
-                f"finetune.replay.labels=reference: data.original.energy_unit {original.energy_unit!r} "
-                f"must be the fine-tuning data's {finetune.energy_unit!r} (the base model's) to train on"
-            )
+    if (problem := _label_problem(cfg)) is not None:
+        raise ConfigError(problem)
     try:
         structures, indices = _structures(cfg)
     except subsample.TooFewStructures as error:

@@ -63,11 +63,12 @@ def summary(cfg: Config, result: TrialResult) -> str:
     else:
         lines.append("  no original set: retained accuracy not measured")
     mixed = cfg.finetune.replay
-    if mixed.structures:
+    if result.replayed:
         drawn = f" drawn each epoch from {mixed.pool}" if mixed.pool is not None else ""
+        batches = f"batches of {mixed.batch_size or cfg.train.batch_size}"
         lines.append(
-            f"  replay: {mixed.structures} structures{drawn} of the original set ({mixed.labels.value} "
-            f"labels, x{mixed.repeat} per epoch), disjoint from those above"
+            f"  replay: {result.replayed} structures{drawn} of the original set ({mixed.labels.value} "
+            f"labels, {batches}, x{mixed.repeat} per epoch), disjoint from those above"
         )
     if cfg.finetune.anchor.weight:
         lines.append(f"  anchored toward the base: L2-SP weight {cfg.finetune.anchor.weight:g}")

@@ -59,6 +59,7 @@ class TrialResult:
     base_targets: list[str]  # what the base model predicted
     targets: list[str]  # what the adapted model predicts (lora/full drop the untrained ones)
     registered: str | None = None  # `name/version` in the model registry
+    replayed: int = 0  # original structures replayed each epoch (the default made a number)
 
 
 def run(
@@ -147,6 +148,7 @@ def run(
             base_targets=base_targets,
             targets=done.targets,
             registered=registered,
+            replayed=cfg.finetune.replay.structures,
         )
 
 

@@ -157,6 +157,12 @@ def _bad_cases(tiny_data: dict[str, Path], tmp_path: Path) -> dict[str, tuple[st
             ["finetune.replay.structures=4", "finetune.replay.pool=5", "data.original.max_structures=2"],
             "finetune.replay.pool",
         ),
+        "replay batch of none": ("trial", ["finetune.replay.batch_size=0"], "finetune.replay.batch_size"),
+        "replay smaller than its batch": (
+            "trial",
+            ["finetune.replay.structures=2", "finetune.replay.batch_size=4"],
+            "finetune.replay.structures",
+        ),
         "negative anchor weight": ("trial", ["finetune.anchor.weight=-0.1"], "finetune.anchor.weight"),
         "separate head without replay": ("trial", ["finetune.replay.head=separate"], "finetune.replay.head"),
         "epochs scored by a test metric": (
@@ -199,7 +205,8 @@ CASES = [
     "unknown device", "cuda without a GPU", "GPU memory share out of range", "rank < 1",
     "alpha <= 0", "lr <= 0", "epochs < 1", "batch size < 1", "batch larger than the data",
     "negative loss weight", "metric the data lacks", "replay without room", "replay pool smaller than a draw",
-    "replay pool without room", "negative anchor weight", "epochs scored by a test metric",
+    "replay pool without room", "replay batch of none", "replay smaller than its batch",
+    "negative anchor weight", "epochs scored by a test metric",
     "separate head without replay",
     "unreachable tracking server",
     "promote: unknown model", "promote: negative tolerance", "promote: no store there",

@@ -31,6 +31,7 @@ def _overrides(tiny_data, embedded_paths, workdir: Path, *extra: str) -> list[st
         f"data.original.path={embedded_paths['original']}",
         "data.original.max_structures=2",
         "train.epochs=3",
+        "finetune.replay.structures=0",  # no default replay: each test asks for the replay it tests
     ]
     return merged(defaults, list(extra))
 
@@ -89,6 +90,56 @@ def test_a_replay_pool_is_drawn_afresh_each_epoch_disjoint_from_retention(
     indices = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/original_indices.json"))
     assert len(indices["replay"]) == 12 and len(indices["retained"]) == 2
     assert not set(indices["replay"]) & set(indices["retained"])
+
+
+def test_by_default_replay_takes_what_the_original_set_leaves_in_batches_of_two(
+    tiny_data, embedded_paths, tmp_path
+) -> None:
+    """No replay key given: up to 32 original structures beside those that measure retention, in
+    batches of 2; fewer where the file leaves fewer, none where retention takes it all."""
+    cases = {  # name: (original file, structures that measure retention, more)
+        "room": (embedded_paths["original"], 2, []),  # 160 structures: 32 replayed
+        "little": (tiny_data["original"], 2, []),  # 6 structures: the 4 left
+        "none": (tiny_data["original"], 6, []),
+        # labels in another unit measure retention (converted) but cannot train: no replay
+        "units": (embedded_paths["original"], 2, ["data.original.energy_unit=meV"]),
+    }
+    found = {}
+    for name, (original, retained, more) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        overrides = merged(
+            tiny_overrides(tiny_data, folder),
+            [f"data.original.path={original}", f"data.original.max_structures={retained}", "train.epochs=1"],
+            more,
+        )
+        found[name] = trial_cli(overrides, folder)
+    assert "no replay by default: finetune.replay.labels=reference" in found["units"][0].stderr
+    for name, replayed, batches in (("room", 32, 16), ("little", 4, 2), ("none", 0, 0), ("units", 0, 0)):
+        done, run = found[name]
+        assert run.data.params["finetune.replay.structures"] == str(replayed), name
+        assert run.data.params["original.replay_structures"] == str(replayed), name
+        assert run.data.metrics["replay_batches_per_epoch"] == batches, name
+        assert run.data.metrics["train_batches_per_epoch"] == 2, name  # 8 structures, batches of 4
+        assert (f"replay: {replayed} structures" in done.stdout) == (replayed > 0), name
+    assert found["room"][1].info.run_name.endswith("replay32")
+
+
+def test_replayed_batches_have_their_own_size(tiny_data, embedded_paths, tmp_path) -> None:
+    """`finetune.replay.batch_size`: 8 replayed structures are 4 batches an epoch in batches of 2,
+    2 in batches of train.batch_size (null; 4 here); the fine-tuning data's stay 2 either way."""
+    found = {}
+    for size, batches in (("2", 4), ("null", 2)):
+        folder = tmp_path / size
+        folder.mkdir()
+        extra = ("finetune.replay.structures=8", f"finetune.replay.batch_size={size}", "train.epochs=2")
+        _, run = trial_cli(_overrides(tiny_data, embedded_paths, folder, *extra), folder)
+        assert run.data.metrics["replay_batches_per_epoch"] == batches, size
+        assert run.data.metrics["train_batches_per_epoch"] == 2, size
+        found[size] = run
+    assert found["2"].data.params["finetune.replay.batch_size"] == "2"
+    fits = {size: run.data.metrics["val_force_mae_meV_per_A"] for size, run in found.items()}
+    assert fits["2"] != fits["null"]  # the same structures, batched otherwise: trained otherwise
 
 
 def test_without_a_pool_replay_trains_on_the_same_structures_as_before(
@@ -199,6 +250,7 @@ def test_the_kept_epoch_is_the_best_by_the_chosen_score(select, tiny_data, embed
     overrides = _overrides(
         tiny_data, embedded_paths, tmp_path, "finetune.replay.structures=4", "train.epochs=5",
         "train.early_stopping_patience=null", "train.lr=5e-3", f"train.select_epoch_by={select}",
+        "lora.alpha=16", "finetune.replay.batch_size=null",  # a run whose two scores disagree
     )  # fmt: skip
     _, run = trial_cli(overrides, tmp_path)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

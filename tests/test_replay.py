@@ -45,7 +45,7 @@ def test_replay_trains_on_disjoint_structures_and_repeats_exactly(
     extra = ("finetune.replay.structures=4", f"finetune.replay.labels={labels}")
     first = _run(tiny_data, tmp_path, monkeypatch, "a", *extra)
     second = _run(tiny_data, tmp_path, monkeypatch, "b", *extra)
-    without = _run(tiny_data, tmp_path, monkeypatch, "c")
+    without = _run(tiny_data, tmp_path, monkeypatch, "c", "finetune.replay.structures=0")
     for name in first.metrics.keys() - TIMINGS:
         assert second.metrics[name] == first.metrics[name], name  # same seed and threads: same numbers
     assert (
@@ -128,10 +128,21 @@ def test_a_file_too_small_for_both_sets_is_a_one_line_error(tiny_data, tmp_path,
     )
     with pytest.raises(ConfigError, match="set data.original.max_structures"):
         trial.run(cfg, tmp_path / "out")
-    cfg = compose_config(_overrides(tiny_data, tmp_path, "finetune.replay.structures=3"))
-    below_a_batch = r"^finetune.replay.structures must be 0 \(off\) or at least train.batch_size 4 .*got 3$"
-    with pytest.raises(ConfigError, match=below_a_batch):
-        trial.run(cfg, tmp_path / "out")
+    for extra, batch in (
+        ("finetune.replay.batch_size=null", "train.batch_size 4"),
+        ("", "finetune.replay.batch_size 2"),
+    ):
+        structures = 3 if extra else 1
+        cfg = compose_config(
+            _overrides(
+                tiny_data, tmp_path, f"finetune.replay.structures={structures}", *filter(None, [extra])
+            )
+        )
+        below_a_batch = (
+            rf"^finetune.replay.structures must be 0 \(off\) or at least {batch} .*got {structures}$"
+        )
+        with pytest.raises(ConfigError, match=below_a_batch):
+            trial.run(cfg, tmp_path / "out")
     assert runs(tmp_path) == []
 
 
