@@ -47,6 +47,7 @@ def our_overrides(args: argparse.Namespace, workdir: Path) -> list[str]:
         f"train.lr={args.lr}",
         f"train.epochs={args.epochs}",
         "train.early_stopping_patience=null",  # mtt has none: run every epoch
+        "train.select_epoch_by=mae_prod",  # mtt's choice of the best epoch
         f"threads={args.threads}",
         f"seed={args.seed}",
         f"device={args.device}",

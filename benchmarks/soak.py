@@ -161,7 +161,8 @@ def tiny_overrides(workdir: Path, epochs: int) -> list[str]:
     return [f"data.finetune.train={workdir / 'train.xyz'}",
             f"data.finetune.validation={workdir / 'validation.xyz'}",
             f"data.finetune.test={workdir / 'test.xyz'}", f"data.original.path={workdir / 'original.xyz'}",
-            "data.original.max_structures=4", f"train.epochs={epochs}", "train.batch_size=4"]  # fmt: skip
+            "data.original.max_structures=4", f"train.epochs={epochs}", "train.batch_size=4",
+            "finetune.replay.structures=0"]  # fmt: skip
 
 
 class Faults:

@@ -115,6 +115,7 @@ def main() -> None:
         f"train.epochs={args.epochs}",
         f"threads={args.threads}",
         "train.early_stopping_patience=null",  # equal epochs per completed trial
+        "finetune.replay.structures=0",  # the recorded comparison ran without replay
         f"data.original.max_structures={args.original_structures}",
         "data.finetune.test=null",
     ]

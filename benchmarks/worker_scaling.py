@@ -67,6 +67,7 @@ def sweep(workdir: Path, overrides: list[str], args: argparse.Namespace) -> tupl
         sys.executable, "-m", "sweeper", "-m", *overrides,
         f"hydra.sweeper.n_trials={args.trials}", "hydra/sweeper/sampler=random", "hydra/sweeper/pruner=none",
         f"train.epochs={args.epochs}", "train.early_stopping_patience=null", f"lora.rank={args.rank}",
+        "finetune.replay.structures=0",  # the fine-tuning work alone, as the recorded rows ran
     ]  # fmt: skip
     samples: list[float] = []
     stop = threading.Event()
