@@ -43,10 +43,10 @@ FORMAT = 1  # bump when the cached replay files would differ
 # Structures replayed each epoch by default, in batches of `finetune.replay.batch_size` (2): the
 # forgetting benchmark's best (docs/forgetting.md)
 AUTO = 32
-
-log = logging.getLogger(__name__)
 # Neutral keys: ASE and metatrain give `energy`, `forces` and `stress` special meanings.
 ENERGY, FORCES, STRESS, VIRIAL = "replay_energy", "replay_forces", "replay_stress", "replay_virial"
+
+log = logging.getLogger(__name__)
 
 
 class EpochDraw(torch.utils.data.Dataset):
@@ -119,7 +119,13 @@ def _auto(cfg: Config) -> int:
     if (problem := _label_problem(cfg)) is not None:  # asked for, it would be this error
         log.warning("no replay by default: %s", problem)
         return 0
-    room = replay.pool if replay.pool is not None else subsample.count(path) - retained
+    if replay.pool is not None:
+        room = replay.pool
+    else:
+        try:
+            room = subsample.count(path) - retained
+        except Exception:  # an unreadable file: data.check names it in one line, next
+            return 0
     return min(AUTO, room) if room >= (replay.batch_size or cfg.train.batch_size) else 0
 
 

@@ -91,6 +91,11 @@ def _bad_cases(tiny_data: dict[str, Path], tmp_path: Path) -> dict[str, tuple[st
         "empty file": ("trial", [f"data.finetune.validation={empty}"], "data.finetune.validation"),
         "binary file": ("trial", [f"data.finetune.test={binary}"], "data.finetune.test"),
         "truncated file": ("trial", [f"data.finetune.train={truncated}"], "data.finetune.train"),
+        "truncated original file": (  # the default replay counts its structures first
+            "trial",
+            [f"data.original.path={truncated}", "data.original.max_structures=1"],
+            "data.original.path",
+        ),
         "no energy key": (
             "trial",
             [f"data.finetune.train={_without(tiny_data, tmp_path, 'energy')}", "data.finetune.energy_key=E"],
@@ -198,7 +203,8 @@ def _bad_cases(tiny_data: dict[str, Path], tmp_path: Path) -> dict[str, tuple[st
 
 CASES = [
     "missing train file", "missing original file", "unreadable file", "empty file", "binary file",
-    "truncated file", "no energy key", "no forces key", "NaN energy", "infinite forces",
+    "truncated file", "truncated original file", "no energy key", "no forces key", "NaN energy",
+    "infinite forces",
     "stress without a cell", "stress and virial", "unknown unit", "units other than the base's",
     "unknown species", "target modules match nothing", "not a PET checkpoint", "not a checkpoint at all",
     "truncated checkpoint", "missing checkpoint", "checkpoint not the pinned one", "pin not a sha256",
