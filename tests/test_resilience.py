@@ -304,9 +304,11 @@ def test_a_search_space_a_trial_would_reject_stops_before_the_study(tiny_data, t
 
 @pytest.mark.parametrize("space", ["int(interval(0,96))", "range(0,96,2)", "choice(0,2,16)"])
 def test_a_replay_space_below_one_batch_stops_before_the_study(space, tiny_data, tmp_path) -> None:
-    """Replay is off or fills a batch (train.batch_size 4 here): each space reaches 1 or 2."""
+    """Replay is off or fills a batch (train.batch_size 4 here, replayed batches of that size):
+    each space reaches 1 or 2."""
+    batches = ("train.batch_size=4", "finetune.replay.batch_size=null")
     done = run_cli(
-        sweep_args(tiny_data, tmp_path, f"finetune.replay.structures={space}", "train.batch_size=4"),
+        sweep_args(tiny_data, tmp_path, f"finetune.replay.structures={space}", *batches),
         cwd=tmp_path,
         timeout=300,
     )
