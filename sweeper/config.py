@@ -242,6 +242,14 @@ class Config:
     verbose: bool = False  # metatrain's log on the console too (always in the trial's trial.log)
 
 
+def replay_batch(cfg: Config) -> tuple[int, str]:
+    """Structures per replayed batch, and the key that sets it: finetune.replay.batch_size, else
+    train.batch_size."""
+    if cfg.finetune.replay.batch_size is not None:
+        return cfg.finetune.replay.batch_size, "finetune.replay.batch_size"
+    return cfg.train.batch_size, "train.batch_size"
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("embedded", embedded.resolve, replace=True)
     ConfigStore.instance().store(name="base_config", node=Config)

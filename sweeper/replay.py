@@ -36,7 +36,7 @@ from omegaconf import read_write
 
 from sweeper import data, subsample
 from sweeper import metatrain as mtt
-from sweeper.config import Config, ConfigError, ReplayLabels
+from sweeper.config import Config, ConfigError, ReplayLabels, replay_batch
 from sweeper.files import cached, file_sha256, written_atomically
 
 FORMAT = 1  # bump when the cached replay files would differ
@@ -126,7 +126,7 @@ def _auto(cfg: Config) -> int:
             room = subsample.count(path) - retained
         except Exception:  # an unreadable file: data.check names it in one line, next
             return 0
-    return min(AUTO, room) if room >= (replay.batch_size or cfg.train.batch_size) else 0
+    return min(AUTO, room) if room >= replay_batch(cfg)[0] else 0
 
 
 def _label_problem(cfg: Config) -> str | None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from sweeper import tracking
+from sweeper import config, tracking
 from sweeper.secrets import redact
 from sweeper.trial import EpochCallback, TrialResult
 
@@ -65,7 +65,7 @@ def summary(cfg: Config, result: TrialResult) -> str:
     mixed = cfg.finetune.replay
     if result.replayed:
         drawn = f" drawn each epoch from {mixed.pool}" if mixed.pool is not None else ""
-        batches = f"batches of {mixed.batch_size or cfg.train.batch_size}"
+        batches = f"batches of {config.replay_batch(cfg)[0]}"
         lines.append(
             f"  replay: {result.replayed} structures{drawn} of the original set ({mixed.labels.value} "
             f"labels, {batches}, x{mixed.repeat} per epoch), disjoint from those above"

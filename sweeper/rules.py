@@ -10,14 +10,13 @@ from omegaconf import OmegaConf
 
 from sweeper import devices
 from sweeper.config import Config, ConfigError, Method, ReplayHead
+from sweeper.config import replay_batch as replay_batch_of
 
 
 def check(cfg: Config) -> None:
     """Value rules beyond types; raises ConfigError naming the key."""
     structures = cfg.finetune.replay.structures
-    replay_batch, replay_batch_name = cfg.finetune.replay.batch_size, "finetune.replay.batch_size"
-    if replay_batch is None:
-        replay_batch, replay_batch_name = cfg.train.batch_size, "train.batch_size"
+    replay_batch, replay_batch_name = replay_batch_of(cfg)
     rules = [
         ("lora.rank", cfg.lora.rank >= 1, "must be >= 1"),
         (

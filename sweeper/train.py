@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sweeper import config, objective
 from sweeper import metatrain as mtt
-from sweeper import objective
 from sweeper.config import EpochSelection
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def fine_tune(
         penalty=anchor(cfg, model),
         select=None if score is mae_product else score,  # mae_prod: metatrain's own choice
         separate_head=new_head is not None,
-        replay_batch_size=cfg.finetune.replay.batch_size,
+        replay_batch_size=config.replay_batch(cfg)[0],
     )
 
 

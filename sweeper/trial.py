@@ -72,8 +72,7 @@ def run(
 ) -> TrialResult:
     """One trial; `membership`: its study, when a sweep runs it (sweeper/search/membership.py)."""
     # --- 1. input checks: cheap, before any training or tracking ---------------------
-    rules.check(cfg)
-    cfg = replay.resolved(cfg)  # the default replay, made a number for this data
+    cfg = replay.resolved(cfg)  # the default replay made a number; then every rule, once
     rules.check(cfg)
     goal = objective.goal(cfg)
     device = devices.resolve(cfg.device)
