@@ -34,7 +34,7 @@ from ase.io import read, write
 from ase.stress import voigt_6_to_full_3x3_stress
 from omegaconf import read_write
 
-from sweeper import data, subsample
+from sweeper import data, embedded, subsample
 from sweeper import metatrain as mtt
 from sweeper.config import Config, ConfigError, ReplayLabels, replay_batch
 from sweeper.files import cached, file_sha256, written_atomically
@@ -114,6 +114,7 @@ def resolved(cfg: Config) -> Config:
 def _auto(cfg: Config) -> int:
     original, replay = cfg.data.original, cfg.finetune.replay
     path, retained = original.path, original.max_structures
+    embedded.ensure_used([path])  # on a new machine the embedded original set is made here, first
     if path is None or retained is None or not Path(path).is_file():  # a missing file: data.check says it
         return 0
     if (problem := _label_problem(cfg)) is not None:  # asked for, it would be this error

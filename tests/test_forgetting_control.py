@@ -125,6 +125,22 @@ def test_by_default_replay_takes_what_the_original_set_leaves_in_batches_of_two(
     assert found["room"][1].info.run_name.endswith("replay32")
 
 
+def test_the_first_run_on_a_new_machine_replays_too(tiny_data, tmp_path, monkeypatch) -> None:
+    """The embedded original set is made when a trial first needs it: on a machine where it does
+    not exist yet, the default replay must make it before counting its structures, not see a
+    missing file and replay nothing."""
+    fresh = tmp_path / "new-cache"
+    monkeypatch.setenv("PET_LORA_SWEEPER_CACHE", str(fresh))  # the user's cache, empty
+    original = embedded.dataset_paths()["original"]
+    assert not original.exists()
+    overrides = [o for o in tiny_overrides(tiny_data, tmp_path) if not o.startswith("data.original.path")]
+    done, run = trial_cli(merged(overrides, ["data.original.max_structures=2", "train.epochs=1"]), tmp_path)
+    assert original.is_file()
+    assert run.data.params["finetune.replay.structures"] == str(replay.AUTO)
+    assert run.data.params["original.replay_structures"] == str(replay.AUTO)
+    assert "replay: 32 structures" in done.stdout
+
+
 def test_replayed_batches_have_their_own_size(tiny_data, embedded_paths, tmp_path) -> None:
     """`finetune.replay.batch_size`: 8 replayed structures are 4 batches an epoch in batches of 2,
     2 in batches of train.batch_size (null; 4 here); the fine-tuning data's stay 2 either way."""
