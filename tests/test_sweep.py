@@ -190,11 +190,14 @@ def test_search_space_mistake_stops_before_any_trial(tiny_data, tmp_path, argume
     assert runs(tmp_path) == []
 
 
-def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path) -> None:
+@pytest.mark.parametrize("objective", ["objective=constrained", "objective=pareto"])
+def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path, objective) -> None:
+    """Optuna's median pruner; with two objectives, our own median rule (sweeper/search/pruning.py)."""
     pruning = [
         "lora.rank=2",
         "hydra.sweeper.pruner.n_startup_trials=2",
         "hydra.sweeper.pruner.n_warmup_steps=0",
+        objective,
     ]
     first = _sweep(tiny_data, tmp_path, *pruning, "train.lr=1e-3", "hydra.sweeper.n_trials=2")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -211,7 +214,7 @@ def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path) -> 
     assert "adapter" not in logged and "config.yaml" in logged  # what it ran, not what it made
     assert "val_force_mae_meV_per_A" not in pruned.data.metrics  # no final evaluation
     assert pruned.info.run_id not in {v.run_id for v in client.search_model_versions()}
-    assert pruned.data.metrics["epoch/val_force_mae_meV_per_A"] > 10 * max(t.value for t in study.trials[:2])
+    assert pruned.data.metrics["epoch/val_force_mae_meV_per_A"] > 10 * max(t.values[0] for t in study.trials[:2])
 
 
 def suggest_weight_decay(cfg, trial) -> None:

@@ -4,9 +4,9 @@ A trial runs in a Hydra job, maybe on another machine; it reopens the study from
 storage with the same pruner (Optuna does not store pruners) and reports the
 fine-tuning metric each epoch. Optuna cannot report intermediate values for several
 objectives, so Pareto mode applies our own rule to the fine-tuning metric alone: the
-median rule (prune when worse than the median of completed trials at the same epoch,
-once `n_startup_trials` have completed and after `n_warmup_steps` epochs), with the
-median pruner's settings when one is configured.
+median rule (prune when the trial's best value so far is worse than the median of the
+completed trials' values at the same epoch, once `n_startup_trials` have completed and after
+`n_warmup_steps` epochs), with the median pruner's settings when one is configured.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ class Reporter:
         if self.pareto:
             self.curve[str(epoch)] = value
             self.trial.set_user_attr(CURVE_ATTR, self.curve)
-            if _worse_than_median(self.study, self.pruner, epoch, value):
-                raise optuna.TrialPruned(f"epoch {epoch}: {self.metric} {value:g} worse than the median")
+            best = min(self.curve.values())
+            if _worse_than_median(self.study, self.pruner, epoch, best):
+                raise optuna.TrialPruned(f"epoch {epoch}: {self.metric} at best {best:g}, worse than the median")
             return
         self.trial.report(value, epoch)
         if self.trial.should_prune():
@@ -82,8 +83,10 @@ class Reporter:
 
 
 def _worse_than_median(
-    study: optuna.Study, pruner: optuna.pruners.BasePruner, epoch: int, value: float
+    study: optuna.Study, pruner: optuna.pruners.BasePruner, epoch: int, best: float
 ) -> bool:
+    """Optuna's median rule: the trial's best value so far against the median of the completed
+    trials' values at this epoch (a swing of one epoch, as replay makes, does not prune)."""
     if isinstance(pruner, optuna.pruners.NopPruner):
         return False
     startup = getattr(pruner, "_n_startup_trials", 3)
@@ -95,4 +98,4 @@ def _worse_than_median(
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if str(epoch) in trial.user_attrs.get(CURVE_ATTR, {})
     ]
-    return len(others) >= startup and value > statistics.median(others)
+    return len(others) >= startup and best > statistics.median(others)
