@@ -214,7 +214,9 @@ def test_a_trial_with_an_absurd_learning_rate_is_pruned(tiny_data, tmp_path, obj
     assert "adapter" not in logged and "config.yaml" in logged  # what it ran, not what it made
     assert "val_force_mae_meV_per_A" not in pruned.data.metrics  # no final evaluation
     assert pruned.info.run_id not in {v.run_id for v in client.search_model_versions()}
-    assert pruned.data.metrics["epoch/val_force_mae_meV_per_A"] > 10 * max(t.values[0] for t in study.trials[:2])
+    assert pruned.data.metrics["epoch/val_force_mae_meV_per_A"] > 10 * max(
+        t.values[0] for t in study.trials[:2]
+    )
 
 
 def suggest_weight_decay(cfg, trial) -> None:

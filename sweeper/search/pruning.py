@@ -75,7 +75,9 @@ class Reporter:
             self.trial.set_user_attr(CURVE_ATTR, self.curve)
             best = min(self.curve.values())
             if _worse_than_median(self.study, self.pruner, epoch, best):
-                raise optuna.TrialPruned(f"epoch {epoch}: {self.metric} at best {best:g}, worse than the median")
+                raise optuna.TrialPruned(
+                    f"epoch {epoch}: {self.metric} at best {best:g}, worse than the median"
+                )
             return
         self.trial.report(value, epoch)
         if self.trial.should_prune():
