@@ -1,15 +1,18 @@
 """Forgetting control, v2: which configuration fits the new data and keeps the old accuracy.
 
-Every configuration is a preset (conf/experiment/forgetting/<row>.yaml, or the defaults), run
-as a small study of our sweeper: `python -m sweeper -m experiment=forgetting/<row> <space>`.
-All rows get the same number of trials, the same epochs (early stopping off), the same seeded
-random sampler and the same search space for the keys they share (LoRA rows: rank, alpha, lr;
-full and heads: lr, each over its own method's range); the Pareto objective keeps both errors
-of every trial. The two rows with the largest hypervolume get a second seed.
+Every configuration is a preset (conf/experiment/forgetting/<row>.yaml) or the defaults, with
+the defaults' replay (32 structures in batches of 2) given to the methods measured without it,
+run as a small study of our sweeper: `python -m sweeper -m experiment=forgetting/<row> <space>`.
+All rows get the same number of trials, the same epochs (early stopping off, the epoch of the
+best validation force error kept), the same seeded random sampler, the same pruning of hopeless
+trials (the median rule after 10 epochs) and the same search space for the keys they share (LoRA
+rows: rank, alpha, lr; full and heads: lr, each over its own method's range); the Pareto
+objective keeps both errors of every trial. The two rows with the largest hypervolume get a
+second seed.
 
     python benchmarks/forgetting.py --quick                   # 2 rows x 2 trials x 2 epochs: does it run?
-    python benchmarks/forgetting.py                           # every row, 6 trials x 40 epochs (~2 h)
-    python benchmarks/forgetting.py --only lora,lora_replay --trials 6 --plot docs/images/forgetting_v2.png
+    python benchmarks/forgetting.py --plot docs/images/forgetting_v2.png   # every row, 6 trials x 40 epochs
+    python benchmarks/forgetting.py --only lora,default --trials 6 --no-second-seed
 
 It prints (as Markdown, for docs/forgetting.md) the table at equal epochs (each row's best fit and
 its most retentive feasible trial), the table at equal wall time (the fine-tuning error each row
@@ -26,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,23 +46,34 @@ LORA_SPACE = [
     "train.lr=tag(log, interval(3e-4, 3e-3))",
 ]
 NOT_LORA = ["lora.rank=8", "lora.alpha=16"]  # fixed: the default space would sample them, unused
-ROWS = {  # name -> (preset or None for the defaults, the search space)
+FULL_SPACE = ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]
+HEADS_SPACE = ["train.lr=tag(log, interval(3e-4, 1e-2))", *NOT_LORA]
+# The defaults' replay (docs/forgetting.md, "Small replayed batches"), given to the presets
+# measured without it, so that every method is compared with the same replay.
+REPLAY = [
+    "finetune.replay.structures=32",
+    "finetune.replay.batch_size=2",
+    "finetune.replay.pool=null",
+    "finetune.replay.repeat=1",
+]
+ROWS = {  # name -> (preset or None for the defaults, the search space and fixed keys)
     "lora": ("forgetting/lora", LORA_SPACE),
     "lora_ffn": ("forgetting/lora_ffn", LORA_SPACE),
-    "full": ("forgetting/full", ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]),
-    "heads": ("forgetting/heads", ["train.lr=tag(log, interval(3e-4, 1e-2))", *NOT_LORA]),
-    "lora_replay": ("forgetting/lora_replay", LORA_SPACE),
-    "lora_replay_separate": ("forgetting/lora_replay_separate", LORA_SPACE),
-    "lora_ffn_replay": ("forgetting/lora_ffn_replay", LORA_SPACE),
-    "full_replay": ("forgetting/full_replay", ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]),
+    "full": ("forgetting/full", FULL_SPACE),
+    "heads": ("forgetting/heads", HEADS_SPACE),
     "lora_ffn_anchor": (
         "forgetting/lora_ffn_anchor",
         [*LORA_SPACE, "finetune.anchor.weight=tag(log, interval(1e-4, 1e-1))"],
     ),
-    "default": (None, LORA_SPACE),
+    "default": (None, LORA_SPACE),  # LoRA on attention, 32 replayed in batches of 2
+    "default_replay16": (None, [*LORA_SPACE, "finetune.replay.structures=16"]),  # half the replay
+    "default_separate": (None, [*LORA_SPACE, "finetune.replay.head=separate"]),  # replay on its own head
+    "lora_ffn+replay": ("forgetting/lora_ffn", [*LORA_SPACE, *REPLAY]),
+    "full+replay": ("forgetting/full", [*FULL_SPACE, *REPLAY]),
 }
 UNCONTROLLED = ("lora", "lora_ffn", "full", "heads")  # no replay, no anchoring
-QUICK = ("lora", "lora_replay")
+REPLAYING = ("default", "default_replay16", "default_separate", "lora_ffn+replay", "full+replay")
+QUICK = ("lora", "default")
 VAL_F, RET_F, RET_E = "val_force_mae_meV_per_A", "retained_force_mae_ratio", "retained_energy_mae_ratio"
 
 
@@ -91,9 +106,14 @@ def command(row: str, trials: int, epochs: int, threads: int, seed: int, folder:
         f"hydra.sweeper.n_trials={trials}",
         f"train.epochs={epochs}",
         "train.early_stopping_patience=null",
+        "train.select_epoch_by=objective",  # every row keeps the epoch of its best fit
         "objective=pareto",
         "hydra/sweeper/sampler=random",
-        "hydra/sweeper/pruner=none",
+        # Hopeless trials stop: after 10 epochs, one whose best fit so far is worse than the
+        # median of its row's completed trials at that epoch (from the third trial on).
+        "hydra/sweeper/pruner=median",
+        "hydra.sweeper.pruner.n_startup_trials=2",
+        f"hydra.sweeper.pruner.n_warmup_steps={min(10, epochs // 4)}",
         "registry.enabled=false",
         f"seed={seed}",
         f"threads={threads}",
@@ -101,9 +121,19 @@ def command(row: str, trials: int, epochs: int, threads: int, seed: int, folder:
     ]
 
 
-def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: Path) -> list[Trial]:
+@dataclass
+class Study:
+    """One row's study at one seed: its completed trials, how many were pruned, its minutes."""
+
+    trials: list[Trial]
+    pruned: int
+    minutes: float
+
+
+def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: Path) -> Study:
     folder = root / f"{row}-seed{seed}"
     arguments = command(row, trials, epochs, threads, seed, folder)
+    began = time.perf_counter()
     if not (folder / "pet-lora.db").exists():  # with --workdir, a row studied before is read again
         folder.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(
@@ -111,6 +141,7 @@ def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: P
         )
         if done.returncode != 0:
             sys.exit(f"{row}: the study failed\n{done.stderr[-3000:]}")
+    minutes = (time.perf_counter() - began) / 60
     study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{folder}/pet-lora.db")
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
     found = []
@@ -121,11 +152,13 @@ def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: P
         )
         curve = [((m.timestamp - start) / 1000, m.value) for m in sorted(history, key=lambda m: m.step)]
         found.append(Trial(row, seed, trial.user_attrs["metrics"], trial.params, curve))
+    pruned = len(study.get_trials(states=(TrialState.PRUNED,)))
     print(
-        f"  {row} (seed {seed}): {len(found)} trials, python -m sweeper -m {' '.join(arguments[:-1])}",
+        f"  {row} (seed {seed}): {len(found)} complete, {pruned} pruned, {minutes:.0f} min: "
+        f"python -m sweeper -m {' '.join(arguments[:-1])}",
         flush=True,
     )
-    return found
+    return Study(found, pruned, minutes)
 
 
 def front(trials: list[Trial]) -> list[Trial]:
@@ -153,18 +186,20 @@ def fit_within(trial: Trial, seconds: float) -> float | None:
     return min(reached) if reached else None
 
 
-def report(results: dict[str, list[Trial]], epochs: int, reference: tuple[float, float]) -> None:
-    rows = {row: trials for row, trials in results.items() if trials}
+def report(results: dict[str, Study], epochs: int, reference: tuple[float, float]) -> None:
+    rows = {row: study.trials for row, study in results.items() if study.trials}
     print(f"\n### At equal epochs ({epochs})\n")
     print(
-        "| row | trials | best val F | its val E | its ret. F / E ratio | its s "
+        "| row | complete (pruned) | study min | best val F | its val E | its ret. F / E ratio | its s "
         "| most retentive: val F, ret. F / E | hypervolume | best's params |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row, trials in rows.items():
         best, keeper = min(trials, key=lambda t: t.fit), min(trials, key=lambda t: t.kept)
+        study, energy = results[row], best.metrics["val_energy_mae_meV_per_atom"]
         print(
-            f"| {row} | {len(trials)} | {best.fit:.1f} | {best.metrics['val_energy_mae_meV_per_atom']:.1f} | "
+            f"| {row} | {len(trials)} ({study.pruned}) | {study.minutes:.0f} | {best.fit:.1f} | "
+            f"{energy:.1f} | "
             f"{best.kept:.2f} / {best.metrics[RET_E]:.2f} | {best.seconds:.0f} | "
             f"{keeper.fit:.1f}, {keeper.kept:.2f} / {keeper.metrics[RET_E]:.2f} | "
             f"{hypervolume(trials, reference):.1f} | {_params(best)} |"
@@ -212,23 +247,24 @@ def _params(trial: Trial) -> str:
     )
 
 
-def plot(results: dict[str, list[Trial]], path: Path) -> None:
+def plot(results: dict[str, Study], path: Path) -> None:
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (fronts, curves) = plt.subplots(1, 2, figsize=(12, 5))
-    for (row, trials), marker in zip(results.items(), "osD^vP*Xh", strict=False):
-        if not trials:
-            continue
-        dots = fronts.scatter(
-            [t.fit for t in trials], [t.kept for t in trials], marker=marker, label=row, alpha=0.7
-        )
+    figure, (fronts, curves) = plt.subplots(1, 2, figsize=(14, 6))
+    rows = [(row, study.trials) for row, study in results.items() if study.trials]
+    colours, markers = plt.get_cmap("tab20").colors, itertools.cycle("osD^vP*Xh<>p")
+    for (row, trials), colour, marker in zip(rows, colours[::2] + colours[1::2], markers, strict=False):
+        fronts.scatter([t.fit for t in trials], [t.kept for t in trials], marker=marker, color=colour,
+                       label=row, alpha=0.7)  # fmt: skip
         line = front(trials)
-        fronts.plot([t.fit for t in line], [t.kept for t in line], color=dots.get_facecolor()[0], alpha=0.6)
+        fronts.plot([t.fit for t in line], [t.kept for t in line], color=colour, alpha=0.6)
         best = min(trials, key=lambda t: t.fit)
-        curves.plot([at for at, _ in best.curve], [v for _, v in best.curve], label=row)
+        curves.plot([at for at, _ in best.curve], [v for _, v in best.curve], color=colour, label=row)
     fronts.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     fronts.set(xlabel="fine-tuning validation force MAE (meV/Å)", ylabel="retained force MAE / base's",
                title="every trial; each row's Pareto front")  # fmt: skip
@@ -276,16 +312,23 @@ def main() -> None:
         os.environ["PET_LORA_SWEEPER_CACHE"] = str(Path(folder) / "cache")  # base errors, replay labels
         embedded.ensure_datasets()
 
-        def run(row: str, seed: int) -> list[Trial]:
+        def run(row: str, seed: int) -> Study:
             return run_row(row, args.trials, args.epochs, threads, seed, Path(folder))
 
+        began = time.perf_counter()
         with ThreadPoolExecutor(args.parallel) as pool:
-            results = dict(zip(rows, pool.map(lambda row: run(row, args.seed), rows), strict=True))
+            # The replay rows, the longest, first: the studies then end close together.
+            started = {
+                row: pool.submit(run, row, args.seed)
+                for row in sorted(rows, key=lambda r: r not in REPLAYING)
+            }
+            results = {row: started[row].result() for row in rows}
             if args.second_seed and not args.quick and len(rows) > 2:  # the two best rows: a second seed
-                best = sorted(rows, key=lambda row: -hypervolume(results[row], reference))[:2]
+                best = sorted(rows, key=lambda row: -hypervolume(results[row].trials, reference))[:2]
                 again = pool.map(lambda row: run(row, args.seed + 1), best)
-                for row, trials in zip(best, again, strict=True):
-                    results[f"{row} (seed {args.seed + 1})"] = trials
+                for row, study in zip(best, again, strict=True):
+                    results[f"{row} (seed {args.seed + 1})"] = study
+        print(f"\nthe benchmark took {(time.perf_counter() - began) / 60:.0f} minutes")
         report(results, args.epochs, reference)
         if args.plot:
             plot(results, args.plot)
