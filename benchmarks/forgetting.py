@@ -248,23 +248,30 @@ def _params(trial: Trial) -> str:
 
 
 def plot(results: dict[str, Study], path: Path) -> None:
-    import itertools
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (fronts, curves) = plt.subplots(1, 2, figsize=(14, 6))
-    rows = [(row, study.trials) for row, study in results.items() if study.trials]
-    colours, markers = plt.get_cmap("tab20").colors, itertools.cycle("osD^vP*Xh<>p")
-    for (row, trials), colour, marker in zip(rows, colours[::2] + colours[1::2], markers, strict=False):
-        fronts.scatter([t.fit for t in trials], [t.kept for t in trials], marker=marker, color=colour,
-                       label=row, alpha=0.7)  # fmt: skip
-        line = front(trials)
-        fronts.plot([t.fit for t in line], [t.kept for t in line], color=colour, alpha=0.6)
-        best = min(trials, key=lambda t: t.fit)
-        curves.plot([at for at, _ in best.curve], [v for _, v in best.curve], color=colour, label=row)
+    firsts = [row for row in results if " (seed" not in row]  # a second seed: its row's colour, hollow
+    palette = plt.get_cmap("tab20").colors
+    style = {row: (colour, marker) for row, colour, marker in zip(firsts, palette[::2] + palette[1::2],
+                                                                  "osD^vP*Xh<>p", strict=False)}  # fmt: skip
+    for row, study in results.items():
+        if not study.trials:
+            continue
+        again = " (seed" in row
+        colour, marker = style[row.split(" (seed")[0]]
+        fit, kept = [t.fit for t in study.trials], [t.kept for t in study.trials]
+        fill = {"facecolors": "none", "edgecolors": colour} if again else {"color": colour}
+        fronts.scatter(fit, kept, marker=marker, label=row, alpha=0.8, **fill)
+        line = front(study.trials)
+        fronts.plot([t.fit for t in line], [t.kept for t in line], color=colour, alpha=0.6,
+                    linestyle="--" if again else "-")  # fmt: skip
+        best = min(study.trials, key=lambda t: t.fit)
+        curves.plot([at for at, _ in best.curve], [v for _, v in best.curve], color=colour, label=row,
+                    linestyle="--" if again else "-")  # fmt: skip
     fronts.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     fronts.set(xlabel="fine-tuning validation force MAE (meV/Å)", ylabel="retained force MAE / base's",
                title="every trial; each row's Pareto front")  # fmt: skip
@@ -272,6 +279,7 @@ def plot(results: dict[str, Study], path: Path) -> None:
         xlabel="training seconds", ylabel="validation force MAE (meV/Å)", title="each row's best trial"
     )
     fronts.legend(fontsize=8)
+    curves.set_ylim(top=80)  # the first epochs' errors would flatten the rest
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
