@@ -72,7 +72,7 @@ ROWS = {  # name -> (preset or None for the defaults, the search space and fixed
     "full+replay": ("forgetting/full", [*FULL_SPACE, *REPLAY]),
 }
 UNCONTROLLED = ("lora", "lora_ffn", "full", "heads")  # no replay, no anchoring
-REPLAYING = ("default", "default_replay16", "default_separate", "lora_ffn+replay", "full+replay")
+REPLAYING = [row for row, (preset, space) in ROWS.items() if preset is None or REPLAY[0] in space]
 QUICK = ("lora", "default")
 VAL_F, RET_F, RET_E = "val_force_mae_meV_per_A", "retained_force_mae_ratio", "retained_energy_mae_ratio"
 
@@ -135,7 +135,6 @@ class Study:
 def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: Path) -> Study:
     folder = root / f"{row}-seed{seed}"
     arguments = command(row, trials, epochs, threads, seed, folder)
-    began = time.perf_counter()
     if not (folder / "pet-lora.db").exists():  # with --workdir, a row studied before is read again
         folder.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(
@@ -143,8 +142,11 @@ def run_row(row: str, trials: int, epochs: int, threads: int, seed: int, root: P
         )
         if done.returncode != 0:
             sys.exit(f"{row}: the study failed\n{done.stderr[-3000:]}")
-    minutes = (time.perf_counter() - began) / 60
     study = optuna.load_study(study_name="pet-lora", storage=f"sqlite:///{folder}/pet-lora.db")
+    ended = [t for t in study.trials if t.datetime_complete is not None]  # read again: the same minutes
+    minutes = (
+        max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)
+    ).total_seconds() / 60
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
     found = []
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
@@ -256,15 +258,14 @@ def plot(results: dict[str, Study], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (fronts, curves) = plt.subplots(1, 2, figsize=(14, 6))
-    firsts = [row for row in results if " (seed" not in row]  # a second seed: its row's colour, hollow
+    first_seed = min((t.seed for s in results.values() for t in s.trials), default=0)
     palette = plt.get_cmap("tab20").colors
-    style = {row: (colour, marker) for row, colour, marker in zip(firsts, palette[::2] + palette[1::2],
-                                                                  "osD^vP*Xh<>p", strict=False)}  # fmt: skip
+    style = dict(zip(ROWS, zip(palette[::2] + palette[1::2], "osD^vP*Xh<>p", strict=False), strict=False))
     for row, study in results.items():
         if not study.trials:
             continue
-        again = " (seed" in row
-        colour, marker = style[row.split(" (seed")[0]]
+        again = study.trials[0].seed != first_seed  # a second seed: its row's colour, hollow
+        colour, marker = style[study.trials[0].row]
         fit, kept = [t.fit for t in study.trials], [t.kept for t in study.trials]
         fill = {"facecolors": "none", "edgecolors": colour} if again else {"color": colour}
         fronts.scatter(fit, kept, marker=marker, label=row, alpha=0.8, **fill)

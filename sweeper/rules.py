@@ -9,14 +9,13 @@ import re
 from omegaconf import OmegaConf
 
 from sweeper import devices
-from sweeper.config import Config, ConfigError, Method, ReplayHead
-from sweeper.config import replay_batch as replay_batch_of
+from sweeper.config import Config, ConfigError, Method, ReplayHead, replay_batch
 
 
 def check(cfg: Config) -> None:
     """Value rules beyond types; raises ConfigError naming the key."""
     structures = cfg.finetune.replay.structures
-    replay_batch, replay_batch_name = replay_batch_of(cfg)
+    batch, batch_key = replay_batch(cfg)
     rules = [
         ("lora.rank", cfg.lora.rank >= 1, "must be >= 1"),
         (
@@ -61,8 +60,8 @@ def check(cfg: Config) -> None:
         ),
         (
             "finetune.replay.structures",
-            structures in (None, 0) or structures >= replay_batch,
-            f"must be 0 (off) or at least {replay_batch_name} {replay_batch} (metatrain drops a "
+            structures in (None, 0) or structures >= batch,
+            f"must be 0 (off) or at least {batch_key} {batch} (metatrain drops a "
             "training set's last partial batch)",
         ),
         ("finetune.replay.repeat", cfg.finetune.replay.repeat >= 1, "must be >= 1"),
