@@ -65,10 +65,11 @@ ROWS = {  # name -> (preset or None for the defaults, the search space and fixed
         "forgetting/lora_ffn_anchor",
         [*LORA_SPACE, "finetune.anchor.weight=tag(log, interval(1e-4, 1e-1))"],
     ),
-    "default": (None, LORA_SPACE),  # LoRA on attention, 32 replayed in batches of 2
-    "default_replay16": (None, [*LORA_SPACE, "finetune.replay.structures=16"]),  # half the replay
-    "default_separate": (None, [*LORA_SPACE, "finetune.replay.head=separate"]),  # replay on its own head
-    "lora_ffn+replay": ("forgetting/lora_ffn", [*LORA_SPACE, *REPLAY]),
+    # the defaults: LoRA on attention and feed-forward layers, 32 replayed in batches of 2
+    "default": (None, LORA_SPACE),
+    "lora+replay": (None, [*LORA_SPACE, "lora=attention"]),  # the defaults on the attention layers
+    "lora+replay16": (None, [*LORA_SPACE, "lora=attention", "finetune.replay.structures=16"]),  # half
+    "lora+replay_separate": (None, [*LORA_SPACE, "lora=attention", "finetune.replay.head=separate"]),
     "full+replay": ("forgetting/full", [*FULL_SPACE, *REPLAY]),
 }
 UNCONTROLLED = ("lora", "lora_ffn", "full", "heads")  # no replay, no anchoring

@@ -102,8 +102,11 @@ class DataConfig:
 class LoraConfig:
     rank: int = 16  # rank of the LoRA matrices A (rank x in) and B (out x rank)
     alpha: float = 32.0  # the update is scaled by alpha / rank
-    # attribute names of the nn.Linear layers to adapt: the attention projections of every PET block
-    target_modules: list[str] = field(default_factory=lambda: ["input_linear", "output_linear"])
+    # attribute names of the nn.Linear layers to adapt: the attention projections and the
+    # feed-forward layers of every PET block (the best fit and the least forgetting, with replay)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["input_linear", "output_linear", "w_in", "w_out"]
+    )
     init: LoraInit = LoraInit.zero  # zero: B = 0, the model starts as the base | metatrain
 
 

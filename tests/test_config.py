@@ -15,7 +15,8 @@ from sweeper.config import ConfigError
 def test_defaults_compose_to_the_documented_keys() -> None:
     cfg = compose_config([])
     assert cfg.lora.rank == 16 and cfg.lora.alpha == 32.0
-    assert list(cfg.lora.target_modules) == ["input_linear", "output_linear"]
+    assert list(cfg.lora.target_modules) == ["input_linear", "output_linear", "w_in", "w_out"]
+    assert list(compose_config(["lora=attention"]).lora.target_modules) == ["input_linear", "output_linear"]
     assert cfg.lora.init == config.LoraInit.zero
     assert cfg.finetune.method == config.Method.lora
     assert cfg.train.scheduler == config.Scheduler.cosine

@@ -18,7 +18,12 @@ PRESETS = sorted(
     for path in (config.CONF_DIR / "experiment").rglob("*.yaml")
 )
 FORGETTING = {  # what each forgetting row changes from the defaults
-    "forgetting/lora": {"lora.rank": 16, "train.epochs": 40, "finetune.replay.structures": 0},
+    "forgetting/lora": {
+        "lora.rank": 16,
+        "lora.target_modules": ["input_linear", "output_linear"],  # as measured, not the default
+        "train.epochs": 40,
+        "finetune.replay.structures": 0,
+    },
     "forgetting/lora_replay": {"lora.rank": 16, "finetune.replay.structures": 64},
     "forgetting/lora_replay_separate": {"finetune.replay.structures": 64, "finetune.replay.head": "separate"},
     "forgetting/lora_ffn": {"lora.target_modules": ["input_linear", "output_linear", "w_in", "w_out"]},

@@ -213,14 +213,24 @@ def test_anchoring_full_fine_tuning_keeps_the_weights_near_the_base(
     assert 0 < anchored < 0.5 * plain
 
 
-def test_lora_on_attention_and_feed_forward_layers(tiny_data, tmp_path) -> None:
-    """`lora=attention_ffn`: adapters on w_in and w_out too; re-applied, they give the trial's numbers."""
-    done, run = trial_cli([*tiny_overrides(tiny_data, tmp_path), "lora=attention_ffn"], tmp_path)
-    assert run.data.params["lora.target_modules"] == "['input_linear', 'output_linear', 'w_in', 'w_out']"
+@pytest.mark.parametrize(
+    ("preset", "layers"),
+    [
+        ([], ("input_linear", "output_linear", "w_in", "w_out")),  # the default: attention + feed-forward
+        (["lora=attention"], ("input_linear", "output_linear")),
+    ],
+    ids=["default", "attention"],
+)
+def test_lora_adapts_the_layers_its_preset_names(preset, layers, tiny_data, tmp_path) -> None:
+    """The adapter holds LoRA weights on exactly the preset's layers; re-applied, it gives the
+    trial's numbers."""
+    done, run = trial_cli([*tiny_overrides(tiny_data, tmp_path), *preset], tmp_path)
+    assert run.data.params["lora.target_modules"] == str(list(layers))
     adapter_dir = _adapter_dir(done.stdout)
     tensors = adapter.read_config(adapter_dir)["tensors"]
-    for layer in ("input_linear", "output_linear", "w_in", "w_out"):
-        assert any(f".{layer}.lora_B" in name for name in tensors), layer
+    adapted = {layer for layer in ("input_linear", "output_linear", "w_in", "w_out")
+               if any(f".{layer}.lora_B" in name for name in tensors)}  # fmt: skip
+    assert adapted == set(layers)
     model = adapter.apply(adapter_dir, embedded.base_model_path())
     labels = data.labels_of(compose_config([]).data.finetune)
     dataset, _ = mtt.read_dataset(tiny_data["validation"], labels)
@@ -237,7 +247,6 @@ def test_a_sweep_searches_the_anchor_weight_and_the_replay_draw(tiny_data, embed
         embedded_paths,
         tmp_path,
         "train.epochs=1",
-        "lora=attention_ffn",
         "finetune.replay.pool=12",
         "finetune.anchor.weight=tag(log, interval(0.001, 1.0))",
         "finetune.replay.structures=4,8",
