@@ -219,12 +219,16 @@ class Victim:
 def wait_for_trial_mid_way(cluster, job: str, workdir: Path, storage: str, timeout: float = 300) -> Victim:
     """A trial whose MLflow run is open and which has reported an epoch, while both tasks run; its
     controller (host:pid in the trial's `worker` attribute) tells which array task it belongs to."""
-    deadline = time.monotonic() + timeout
+    deadline, study = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         states = {i: s for i, s in cluster.jobs().items() if i.startswith(f"{job}_")}
         assert not set(states.values()) & FINISHED, f"a task ended early: {states}\n{job_outputs(workdir)}"
-        if _study_exists(storage):  # before, opening it would create Optuna's tables as the superuser
+        # Before it exists, opening it would create Optuna's tables as the superuser. Opened once:
+        # each opening holds connections until collected, and a slow machine polls long enough
+        # to run the server out of them ("too many clients").
+        if study is None and _study_exists(storage):
             study = sweep_study(storage)
+        if study is not None:
             for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 if "run_id" in trial.user_attrs and trial.intermediate_values and len(states) == 2:
                     pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])

@@ -68,8 +68,9 @@ def sweep_cli(tiny_data: dict[str, Path], workdir: Path, *arguments: str) -> sub
 
 
 def sweep_args(tiny_data: dict[str, Path], workdir: Path, *arguments: str) -> list[str]:
-    """`-m` and the overrides of a sweep on tiny data: ranks 2 and 4, no pruning. An argument
-    replaces the default of its key (e.g. `tracking.uri=http://...`)."""
+    """`-m` and the overrides of a sweep on tiny data: ranks 2 and 4, no pruning, one thread per
+    trial (several workers or controllers share the cores: more threads than cores slow every
+    one of them down). An argument replaces the default of its key (e.g. `tracking.uri=http://...`)."""
     defaults = [*tiny_overrides(tiny_data, workdir), "data.original.max_structures=4",
-                "hydra/sweeper/pruner=none", "lora.rank=2,4"]  # fmt: skip
+                "hydra/sweeper/pruner=none", "lora.rank=2,4", "threads=1"]  # fmt: skip
     return ["-m", *merged(defaults, list(arguments))]
