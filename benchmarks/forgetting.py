@@ -45,6 +45,7 @@ LORA_SPACE = [
     "lora.alpha=tag(log, interval(4.0, 64.0))",
     "train.lr=tag(log, interval(3e-4, 3e-3))",
 ]
+ATTENTION_SPACE = [*LORA_SPACE, "lora=attention"]  # the attention layers only (not the default)
 NOT_LORA = ["lora.rank=8", "lora.alpha=16"]  # fixed: the default space would sample them, unused
 FULL_SPACE = ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]
 HEADS_SPACE = ["train.lr=tag(log, interval(3e-4, 1e-2))", *NOT_LORA]
@@ -67,9 +68,9 @@ ROWS = {  # name -> (preset or None for the defaults, the search space and fixed
     ),
     # the defaults: LoRA on attention and feed-forward layers, 32 replayed in batches of 2
     "default": (None, LORA_SPACE),
-    "lora+replay": (None, [*LORA_SPACE, "lora=attention"]),  # the defaults on the attention layers
-    "lora+replay16": (None, [*LORA_SPACE, "lora=attention", "finetune.replay.structures=16"]),  # half
-    "lora+replay_separate": (None, [*LORA_SPACE, "lora=attention", "finetune.replay.head=separate"]),
+    "lora+replay": (None, ATTENTION_SPACE),  # the defaults on the attention layers
+    "lora+replay16": (None, [*ATTENTION_SPACE, "finetune.replay.structures=16"]),  # half the replay
+    "lora+replay_separate": (None, [*ATTENTION_SPACE, "finetune.replay.head=separate"]),
     "full+replay": ("forgetting/full", [*FULL_SPACE, *REPLAY]),
 }
 UNCONTROLLED = ("lora", "lora_ffn", "full", "heads")  # no replay, no anchoring
