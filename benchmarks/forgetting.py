@@ -1,7 +1,8 @@
 """Forgetting control, v2: which configuration fits the new data and keeps the old accuracy.
 
 Every configuration is a preset (conf/experiment/forgetting/<row>.yaml) or the defaults, with
-the defaults' replay (32 structures in batches of 2) given to the methods measured without it,
+one replay (32 fixed structures in batches of 2, the defaults' before 16 of a pool of 32) given to
+the methods measured without it,
 run as a small study of our sweeper: `python -m sweeper -m experiment=forgetting/<row> <space>`.
 All rows get the same number of trials, the same epochs (early stopping off, the epoch of the
 best validation force error kept), the same seeded random sampler, the same pruning of hopeless
@@ -49,14 +50,15 @@ ATTENTION_SPACE = [*LORA_SPACE, "lora=attention"]  # the attention layers only (
 NOT_LORA = ["lora.rank=8", "lora.alpha=16"]  # fixed: the default space would sample them, unused
 FULL_SPACE = ["train.lr=tag(log, interval(1e-4, 1e-3))", *NOT_LORA]
 HEADS_SPACE = ["train.lr=tag(log, interval(3e-4, 1e-2))", *NOT_LORA]
-# The defaults' replay (docs/forgetting.md, "Small replayed batches"), given to the presets
-# measured without it, so that every method is compared with the same replay.
+# One replay (docs/forgetting.md, "Small replayed batches"; the defaults' until they drew 16 of a
+# pool of 32), given to the presets measured without it, so that every method is compared with it.
 REPLAY = [
     "finetune.replay.structures=32",
     "finetune.replay.batch_size=2",
     "finetune.replay.pool=null",
     "finetune.replay.repeat=1",
 ]
+REPLAY16 = ["finetune.replay.structures=16", *REPLAY[1:]]
 ROWS = {  # name -> (preset or None for the defaults, the search space and fixed keys)
     "lora": ("forgetting/lora", LORA_SPACE),
     "lora_ffn": ("forgetting/lora_ffn", LORA_SPACE),
@@ -66,11 +68,12 @@ ROWS = {  # name -> (preset or None for the defaults, the search space and fixed
         "forgetting/lora_ffn_anchor",
         [*LORA_SPACE, "finetune.anchor.weight=tag(log, interval(1e-4, 1e-1))"],
     ),
-    # the defaults: LoRA on attention and feed-forward layers, 32 replayed in batches of 2
+    # the defaults: LoRA on attention and feed-forward layers, 16 replayed of a pool of 32
     "default": (None, LORA_SPACE),
-    "lora+replay": (None, ATTENTION_SPACE),  # the defaults on the attention layers
-    "lora+replay16": (None, [*ATTENTION_SPACE, "finetune.replay.structures=16"]),  # half the replay
-    "lora+replay_separate": (None, [*ATTENTION_SPACE, "finetune.replay.head=separate"]),
+    "lora_ffn+replay32": (None, [*LORA_SPACE, *REPLAY]),  # the defaults before, 32 fixed
+    "lora+replay": (None, [*ATTENTION_SPACE, *REPLAY]),  # the same on the attention layers
+    "lora+replay16": (None, [*ATTENTION_SPACE, *REPLAY16]),  # half of it
+    "lora+replay_separate": (None, [*ATTENTION_SPACE, *REPLAY, "finetune.replay.head=separate"]),
     "full+replay": ("forgetting/full", [*FULL_SPACE, *REPLAY]),
 }
 UNCONTROLLED = ("lora", "lora_ffn", "full", "heads")  # no replay, no anchoring

@@ -130,12 +130,13 @@ class ReplayConfig:
     """Structures of the original set mixed into every training epoch (metatrain's own
     multi-dataset training), disjoint from those that measure retained accuracy."""
 
-    # replayed in each epoch; 0: no replay; null: up to 32 of the original structures that
-    # retained accuracy leaves, none without an original set (sweeper/replay.py, `resolved`)
+    # replayed in each epoch; 0: no replay; null: 16, drawn each epoch from a pool of up to 32
+    # of the original structures that retained accuracy leaves (`pool`, if set), fewer where the
+    # file leaves fewer, none without an original set (sweeper/replay.py, `resolved`)
     structures: int | None = None
-    # null: the same `structures` every epoch; n: a pool of n original structures from which
-    # `structures` are drawn afresh each epoch (seeded): more of the original set is seen at
-    # the per-epoch cost of `structures`
+    # null: the same `structures` every epoch (with `structures` null: the default's pool of up
+    # to 32); n: a pool of n original structures from which `structures` are drawn afresh each
+    # epoch (seeded): more of the original set is seen at the per-epoch cost of `structures`
     pool: int | None = None
     labels: ReplayLabels = ReplayLabels.reference  # reference: the file's labels | base: its predictions
     # draws of `structures` per epoch: replay's share of the epoch's batches, and so of the loss

@@ -64,7 +64,7 @@ def summary(cfg: Config, result: TrialResult) -> str:
         lines.append("  no original set: retained accuracy not measured")
     mixed = cfg.finetune.replay
     if result.replayed:
-        drawn = f" drawn each epoch from {mixed.pool}" if mixed.pool is not None else ""
+        drawn = f" drawn each epoch from {result.replay_pool}" if result.replay_pool is not None else ""
         batches = f"batches of {config.replay_batch(cfg)[0]}"
         lines.append(
             f"  replay: {result.replayed} structures{drawn} of the original set ({mixed.labels.value} "

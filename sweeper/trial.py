@@ -60,6 +60,7 @@ class TrialResult:
     targets: list[str]  # what the adapted model predicts (lora/full drop the untrained ones)
     registered: str | None = None  # `name/version` in the model registry
     replayed: int = 0  # original structures replayed each epoch (the default made a number)
+    replay_pool: int | None = None  # what they are drawn from each epoch (the default's, too)
 
 
 def run(
@@ -148,6 +149,7 @@ def run(
             targets=done.targets,
             registered=registered,
             replayed=cfg.finetune.replay.structures,
+            replay_pool=cfg.finetune.replay.pool,
         )
 
 

@@ -95,10 +95,11 @@ def test_a_replay_pool_is_drawn_afresh_each_epoch_disjoint_from_retention(
 def test_by_default_replay_takes_what_the_original_set_leaves_in_batches_of_two(
     tiny_data, embedded_paths, tmp_path
 ) -> None:
-    """No replay key given: up to 32 original structures beside those that measure retention, in
-    batches of 2; fewer where the file leaves fewer, none where retention takes it all."""
+    """No replay key given: 16 original structures per epoch, drawn from a pool of up to 32 beside
+    those that measure retention, in batches of 2; fewer where the file leaves fewer, none where
+    retention takes it all."""
     cases = {  # name: (original file, structures that measure retention, more)
-        "room": (embedded_paths["original"], 2, []),  # 160 structures: 32 replayed
+        "room": (embedded_paths["original"], 2, []),  # 160 structures: 16 a epoch, of 32
         "little": (tiny_data["original"], 2, []),  # 6 structures: the 4 left
         "none": (tiny_data["original"], 6, []),
         # labels in another unit measure retention (converted) but cannot train: no replay
@@ -115,14 +116,17 @@ def test_by_default_replay_takes_what_the_original_set_leaves_in_batches_of_two(
         )
         found[name] = trial_cli(overrides, folder)
     assert "no replay by default: finetune.replay.labels=reference" in found["units"][0].stderr
-    for name, replayed, batches in (("room", 32, 16), ("little", 4, 2), ("none", 0, 0), ("units", 0, 0)):
+    expected = {"room": (16, 32, 8), "little": (4, None, 2), "none": (0, None, 0), "units": (0, None, 0)}
+    for name, (replayed, pool, batches) in expected.items():
         done, run = found[name]
         assert run.data.params["finetune.replay.structures"] == str(replayed), name
-        assert run.data.params["original.replay_structures"] == str(replayed), name
+        assert run.data.params["finetune.replay.pool"] == str(pool), name
+        assert run.data.params["original.replay_structures"] == str(pool or replayed), name
         assert run.data.metrics["replay_batches_per_epoch"] == batches, name
         assert run.data.metrics["train_batches_per_epoch"] == 2, name  # 8 structures, batches of 4
         assert (f"replay: {replayed} structures" in done.stdout) == (replayed > 0), name
-    assert found["room"][1].info.run_name.endswith("replay32")
+    assert "replay: 16 structures drawn each epoch from 32 of the original set" in found["room"][0].stdout
+    assert found["room"][1].info.run_name.endswith("replay16of32")
 
 
 def test_the_first_run_on_a_new_machine_replays_too(tiny_data, tmp_path, monkeypatch) -> None:
@@ -137,8 +141,8 @@ def test_the_first_run_on_a_new_machine_replays_too(tiny_data, tmp_path, monkeyp
     done, run = trial_cli(merged(overrides, ["data.original.max_structures=2", "train.epochs=1"]), tmp_path)
     assert original.is_file()
     assert run.data.params["finetune.replay.structures"] == str(replay.AUTO)
-    assert run.data.params["original.replay_structures"] == str(replay.AUTO)
-    assert "replay: 32 structures" in done.stdout
+    assert run.data.params["original.replay_structures"] == str(replay.AUTO_POOL)
+    assert f"replay: {replay.AUTO} structures drawn each epoch from {replay.AUTO_POOL}" in done.stdout
 
 
 def test_replayed_batches_have_their_own_size(tiny_data, embedded_paths, tmp_path) -> None:

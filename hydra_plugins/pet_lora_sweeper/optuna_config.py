@@ -80,7 +80,10 @@ class MedianPrunerConf:
 
     _target_: str = "optuna.pruners.MedianPruner"
     n_startup_trials: int = 3  # completed trials before any is pruned
-    n_warmup_steps: int = 2  # epochs before a trial may be pruned
+    # epochs before a trial may be pruned: half the default 40. With replay the early epochs
+    # swing, and the best learning rates start slowly: at 2, the README's sweep pruned 5 of its 8
+    # trials at epoch 2, and the benchmark saw the best configuration pruned at 10 (docs/forgetting.md)
+    n_warmup_steps: int = 20
 
 
 @dataclass

@@ -18,7 +18,7 @@ def sweep_study(where: Path | str, name: str = "pet-lora") -> optuna.Study:
 def check_nothing_lost_or_duplicated(study: optuna.Study, client: MlflowClient, n_trials: int) -> None:
     trials = study.get_trials()
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(complete) == n_trials
+    assert len(complete) == n_trials, [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     experiment = client.get_experiment_by_name("pet-lora").experiment_id
     found = client.search_runs([experiment], max_results=1000)
