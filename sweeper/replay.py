@@ -110,20 +110,21 @@ def resolved(cfg: Config) -> Config:
     cfg = copy.deepcopy(cfg)
     with read_write(cfg):
         cfg.finetune.replay.structures = structures
-        cfg.finetune.replay.pool = pool
+        if pool is not None:
+            cfg.finetune.replay.pool = pool
     return cfg
 
 
 def _auto(cfg: Config) -> tuple[int, int | None]:
-    """(structures per epoch, pool) of the default replay."""
+    """(structures per epoch, the pool they are drawn from: None to leave `pool` as it is)."""
     original, replay = cfg.data.original, cfg.finetune.replay
     path, retained = original.path, original.max_structures
     embedded.ensure_used([path])  # on a new machine the embedded original set is made here, first
     if path is None or retained is None or not Path(path).is_file():  # a missing file: data.check says it
-        return 0, replay.pool
+        return 0, None
     if (problem := _label_problem(cfg)) is not None:  # asked for, it would be this error
         log.warning("no replay by default: %s", problem)
-        return 0, replay.pool
+        return 0, None
     if replay.pool is not None:
         room = replay.pool
     else:
@@ -132,9 +133,9 @@ def _auto(cfg: Config) -> tuple[int, int | None]:
         except Exception:  # an unreadable file: data.check names it in one line, next
             return 0, None
     if room < replay_batch(cfg)[0]:
-        return 0, replay.pool
+        return 0, None
     structures = min(AUTO, room)
-    return structures, (room if room > structures else replay.pool)
+    return structures, (room if room > structures else None)
 
 
 def _label_problem(cfg: Config) -> str | None:

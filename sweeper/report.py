@@ -62,12 +62,12 @@ def summary(cfg: Config, result: TrialResult) -> str:
             lines.append(f"  retained {what}: {m[retained]:.2f} x the base model's")
     else:
         lines.append("  no original set: retained accuracy not measured")
-    mixed = cfg.finetune.replay
-    if result.replayed:
-        drawn = f" drawn each epoch from {result.replay_pool}" if result.replay_pool is not None else ""
+    mixed = result.replay  # resolved: the default's numbers, not `cfg`'s nulls
+    if mixed.structures:
+        drawn = f" drawn each epoch from {mixed.pool}" if mixed.pool is not None else ""
         batches = f"batches of {config.replay_batch(cfg)[0]}"
         lines.append(
-            f"  replay: {result.replayed} structures{drawn} of the original set ({mixed.labels.value} "
+            f"  replay: {mixed.structures} structures{drawn} of the original set ({mixed.labels.value} "
             f"labels, {batches}, x{mixed.repeat} per epoch), disjoint from those above"
         )
     if cfg.finetune.anchor.weight:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +37,7 @@ from sweeper import (
     train,
 )
 from sweeper import metatrain as mtt
-from sweeper.config import Config, ConfigError, EnergyReference, Method, ReplayHead
+from sweeper.config import Config, ConfigError, EnergyReference, Method, ReplayConfig, ReplayHead
 from sweeper.registry import versions
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ class TrialResult:
     base_targets: list[str]  # what the base model predicted
     targets: list[str]  # what the adapted model predicts (lora/full drop the untrained ones)
     registered: str | None = None  # `name/version` in the model registry
-    replayed: int = 0  # original structures replayed each epoch (the default made a number)
-    replay_pool: int | None = None  # what they are drawn from each epoch (the default's, too)
+    # the replay the trial ran: `structures` and `pool` of the default made numbers
+    replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(structures=0))
 
 
 def run(
@@ -148,8 +148,7 @@ def run(
             base_targets=base_targets,
             targets=done.targets,
             registered=registered,
-            replayed=cfg.finetune.replay.structures,
-            replay_pool=cfg.finetune.replay.pool,
+            replay=cfg.finetune.replay,
         )
 
 

@@ -18,7 +18,7 @@ def sweep_study(where: Path | str, name: str = "pet-lora") -> optuna.Study:
 def check_nothing_lost_or_duplicated(study: optuna.Study, client: MlflowClient, n_trials: int) -> None:
     trials = study.get_trials()
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(complete) == n_trials, [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
+    assert len(complete) == n_trials, states(trials)
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     experiment = client.get_experiment_by_name("pet-lora").experiment_id
     found = client.search_runs([experiment], max_results=1000)
@@ -33,3 +33,8 @@ def check_nothing_lost_or_duplicated(study: optuna.Study, client: MlflowClient, 
         assert trial.user_attrs["run_id"] == run.info.run_id
         assert int(run.data.params["lora.rank"]) == trial.params["lora.rank"]
         assert run.data.tags["threads"] == run.data.params["threads"]
+
+
+def states(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[int, str, str | None]]:
+    """Each trial's number, state and error: what an assertion on a study's trials shows when it fails."""
+    return [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
