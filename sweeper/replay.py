@@ -135,6 +135,12 @@ def _auto(cfg: Config) -> tuple[int, int | None]:
     if room < replay_batch(cfg)[0]:
         return 0, None
     structures = min(AUTO, room)
+    if replay.pool is None and room < AUTO_POOL:  # measured: 16 of 32 keep the old accuracy
+        log.warning(
+            "less replay by default: %s leaves %d structures beside the %d that measure retained "
+            "accuracy (data.original.max_structures); %d of a pool of %d were measured to keep it",
+            path, room, retained, AUTO, AUTO_POOL,
+        )  # fmt: skip
     return structures, (room if room > structures else None)
 
 

@@ -116,6 +116,9 @@ def test_by_default_replay_takes_what_the_original_set_leaves_in_batches_of_two(
         )
         found[name] = trial_cli(overrides, folder)
     assert "no replay by default: finetune.replay.labels=reference" in found["units"][0].stderr
+    assert "less replay by default: " in found["little"][0].stderr  # 4 where 16 of 32 were measured
+    assert "4 structures beside the 2" in found["little"][0].stderr
+    assert "less replay by default" not in found["room"][0].stderr
     expected = {"room": (16, 32, 8), "little": (4, None, 2), "none": (0, None, 0), "units": (0, None, 0)}
     for name, (replayed, pool, batches) in expected.items():
         done, run = found[name]
