@@ -131,8 +131,8 @@ class ReplayConfig:
     multi-dataset training), disjoint from those that measure retained accuracy."""
 
     # replayed in each epoch; 0: no replay; null: 16, drawn each epoch from a pool of up to 32
-    # of the original structures that retained accuracy leaves (`pool`, if set), fewer where the
-    # file leaves fewer, none without an original set (sweeper/replay.py, `resolved`)
+    # of the original structures that retained accuracy leaves (`pool`, if set), fewer (with a
+    # warning) where the file leaves fewer, none without an original set (sweeper/replay.py, `resolved`)
     structures: int | None = None
     # null: the same `structures` every epoch (with `structures` null: the default's pool of up
     # to 32); n: a pool of n original structures from which `structures` are drawn afresh each
